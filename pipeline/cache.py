@@ -1,0 +1,265 @@
+"""Zarr v3 teacher caches: layout, writing whole shards, opening and verifying.
+
+One store (a Zarr group) per teacher and dataset split. Rows are grouped into Zarr *shards* of
+``rows_per_shard`` rows (the sharding codec keeps a million-row store to hundreds of files, which
+DVC hashes quickly). A shard is also the unit of work: every writer (process, Dask worker, GPU)
+writes whole shards of its own, so no two writers ever touch one file. Chunks inside a shard are
+zstd-compressed and carry a crc32c checksum, and so does each shard index.
+
+Row status arrays say what each row holds: 0 = never written (a missing shard reads back as fill
+values, so this is how they are caught), 1 = valid, 2 = invalid (the sample's image could not be
+decoded; the row holds zeros and must not be used).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import jsonschema
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from pipeline import __version__
+from pipeline.errors import CacheError, FingerprintMismatchError
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+ROW_MISSING, ROW_VALID, ROW_INVALID = 0, 1, 2
+Kind = Literal["image", "text"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How rows are split into files; the same for every array of a store."""
+
+    rows_per_shard: int = 1024  # rows per Zarr shard file = one unit of work for one writer
+    rows_per_chunk: int = 128   # rows per compressed, checksummed chunk inside a shard
+    zstd_level: int = 3
+
+
+@lru_cache(maxsize=None)
+def load_schema(name: str) -> dict[str, Any]:
+    """The JSON schema ``schemas/<name>.json`` (e.g. ``teacher-cache.v1``)."""
+    path = SCHEMA_DIR / f"{name}.json"
+    if not path.exists():
+        raise CacheError(f"schema file {path} not found: is the package installed from a checkout?")
+    return json.loads(path.read_text())
+
+
+def validate_attrs(attrs: dict[str, Any], schema_name: str, where: str) -> None:
+    """Check a store's root attributes against its JSON schema (on write and on read)."""
+    try:
+        jsonschema.validate(attrs, load_schema(schema_name))
+    except jsonschema.ValidationError as exc:
+        loc = "/".join(str(p) for p in exc.absolute_path) or "(root)"
+        raise CacheError(
+            f"{where}: attributes do not match schema {schema_name} at {loc}: {exc.message}. "
+            "The store was written by another version or is damaged; rebuild it with `distill teach`."
+        ) from None
+
+
+def created_timestamp() -> str:
+    """Creation time, UTC. Honours SOURCE_DATE_EPOCH so rebuilt stores are byte-identical."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    t = time.gmtime(int(epoch)) if epoch else time.gmtime()
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", t)
+
+
+def _codecs(layout: Layout) -> list:
+    return [ZstdCodec(level=layout.zstd_level), Crc32cCodec()]
+
+
+def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
+                 layout: Layout, fill_value: Any = None) -> zarr.Array:
+    """Create a row-sharded, checksummed array: shards of ``rows_per_shard`` rows."""
+    rows = max(1, min(layout.rows_per_shard, shape[0]))
+    chunk_rows = max(1, min(layout.rows_per_chunk, rows))
+    if rows % chunk_rows:
+        chunk_rows = rows  # a shard must hold a whole number of chunks
+    tail = tuple(shape[1:])
+    return group.create_array(
+        name, shape=shape, dtype=dtype, shards=(rows, *tail), chunks=(chunk_rows, *tail),
+        compressors=_codecs(layout), fill_value=fill_value,
+    )
+
+
+def create_teacher_store(path: Path, *, n_images: int, n_texts: int, embed_dim: int,
+                         modalities: frozenset[str], attrs: dict[str, Any],
+                         layout: Layout = Layout()) -> zarr.Group:
+    """Create an empty teacher cache at ``path`` (overwrites); ``attrs`` are the root attributes."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    if "image" in modalities:
+        create_array(group, "image_emb", (n_images, embed_dim), "float16", layout, 0)
+    if "text" in modalities:
+        create_array(group, "text_emb", (n_texts, embed_dim), "float16", layout, 0)
+    create_array(group, "image_id", (n_images,), str, layout)
+    create_array(group, "text_id", (n_texts,), str, layout)
+    create_array(group, "text_to_image", (n_texts,), "int32", layout, -1)
+    create_array(group, "image_status", (n_images,), "uint8", layout, ROW_MISSING)
+    create_array(group, "text_status", (n_texts,), "uint8", layout, ROW_MISSING)
+    validate_attrs(attrs, "teacher-cache.v1", str(path))
+    group.attrs.update(attrs)
+    return group
+
+
+def row_units(n_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
+    """The row ranges ``[start, stop)`` of each Zarr shard: one unit of work each."""
+    return [(s, min(s + rows_per_shard, n_rows)) for s in range(0, n_rows, rows_per_shard)]
+
+
+def write_unit(group: zarr.Group, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write rows ``[start, stop)`` of several arrays; the range must be one whole shard."""
+    for name, values in arrays.items():
+        arr = group[name]
+        rows = arr.shards[0] if arr.shards else arr.chunks[0]
+        if start % rows or (stop != arr.shape[0] and stop - start != rows):
+            raise ValueError(f"{name}: rows [{start}, {stop}) are not one whole shard of {rows} rows")
+        if len(values) != stop - start:
+            raise ValueError(f"{name}: got {len(values)} rows for range [{start}, {stop})")
+        arr[start:stop] = values
+
+
+def _check_fingerprint(what: str, path: Path, expected: str | None, found: str, hint: str) -> None:
+    if expected is not None and expected != found:
+        raise FingerprintMismatchError(what, str(path), expected, found, hint)
+
+
+class TeacherCache:
+    """A verified, read-only view of one teacher cache, arrays loaded into memory as float32.
+
+    Opening runs the cheap checks: schema, completeness, fingerprints, and that no row was left
+    unwritten (a deleted shard reads back as fill values; the status arrays catch it).
+    """
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = path
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        self.logit_scale = float(self.attrs["logit_scale"])
+        self.embed_dim = int(self.attrs["embed_dim"])
+        self.modalities = frozenset(self.attrs["modalities"])
+        self.dataset_fingerprint: str = self.attrs["dataset_fingerprint"]
+        self.teacher_fingerprint: str = self.attrs["teacher_fingerprint"]
+        self.image_ids = read_strings(group["image_id"])
+        self.text_ids = read_strings(group["text_id"])
+        self.text_to_image = np.asarray(group["text_to_image"][:], dtype=np.int32)
+        self.image_status = np.asarray(group["image_status"][:])
+        self.text_status = np.asarray(group["text_status"][:])
+        self.image_valid = self.image_status == ROW_VALID
+        self.text_valid = self.text_status == ROW_VALID
+        self.image_emb = self._load_emb(group, "image")
+        self.text_emb = self._load_emb(group, "text")
+
+    def _load_emb(self, group: zarr.Group, kind: Kind) -> np.ndarray | None:
+        if kind not in self.modalities:
+            return None
+        return np.asarray(group[f"{kind}_emb"][:], dtype=np.float32)
+
+    @classmethod
+    def open(cls, path: str | Path, expect_dataset: str | None = None,
+             expect_teacher: str | None = None) -> "TeacherCache":
+        """Open and check a cache; refuse one built from another dataset or teacher."""
+        path = Path(path)
+        group = open_group_checked(path, "teacher-cache.v1")
+        attrs = dict(group.attrs)
+        hint = "rebuild it with `distill teach` (or `dvc repro`), or point to the right cache"
+        _check_fingerprint("dataset", path, expect_dataset, attrs["dataset_fingerprint"], hint)
+        _check_fingerprint("teacher", path, expect_teacher, attrs["teacher_fingerprint"], hint)
+        cache = cls(path, group)
+        cache._check_rows()
+        return cache
+
+    def _check_rows(self) -> None:
+        for kind, status in (("image", self.image_status), ("text", self.text_status)):
+            missing = np.flatnonzero(status == ROW_MISSING)
+            if missing.size:
+                raise CacheError(
+                    f"{self.path}: {missing.size} {kind} rows were never written (first rows "
+                    f"{missing[:5].tolist()}): a shard file is missing or the run did not finish. "
+                    "Run `distill cache verify` for details and rebuild with `distill teach`."
+                )
+
+    def image_row(self) -> dict[str, int]:
+        """Stable sample id → image row."""
+        return {sid: i for i, sid in enumerate(self.image_ids.tolist())}
+
+    def text_row(self) -> dict[str, int]:
+        """Stable caption id (``shard/key#c``) → text row."""
+        return {tid: j for j, tid in enumerate(self.text_ids.tolist())}
+
+
+def read_strings(arr: zarr.Array) -> np.ndarray:
+    """A string array as a fixed-width numpy ``str`` array (zarr returns numpy's StringDType)."""
+    return np.array(arr[:].tolist(), dtype=str)
+
+
+def open_group_checked(path: Path, schema_name: str) -> zarr.Group:
+    """Open a store read-only and validate its attributes; refuse incomplete stores."""
+    if not (path / "zarr.json").exists():
+        raise CacheError(f"{path}: no Zarr store here (missing zarr.json); run the stage that makes it")
+    group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    attrs = dict(group.attrs)
+    validate_attrs(attrs, schema_name, str(path))
+    if not attrs.get("complete"):
+        raise CacheError(f"{path}: the store is marked incomplete; rerun the stage to finish it")
+    return group
+
+
+def iter_arrays(group: zarr.Group) -> Iterator[tuple[str, zarr.Array]]:
+    """(name, array) pairs of a group, sorted by name."""
+    for name in sorted(group.array_keys()):
+        yield name, group[name]
+
+
+def store_nbytes(path: Path) -> int:
+    """Bytes on disk under ``path``."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def base_attrs(schema: str) -> dict[str, Any]:
+    """Attributes every store carries: schema, version, package version, creation time."""
+    return {"schema": schema, "schema_version": 1, "package_version": __version__,
+            "created": created_timestamp(), "complete": False}
+
+
+def write_cache_from_arrays(
+    path: str | Path, *, image_ids: np.ndarray, text_ids: np.ndarray, text_to_image: np.ndarray,
+    teacher: dict[str, Any], dataset_fingerprint: str, split: str, logit_scale: float,
+    image_emb: np.ndarray | None = None, text_emb: np.ndarray | None = None,
+    image_status: np.ndarray | None = None, text_status: np.ndarray | None = None,
+    layout: Layout = Layout(),
+) -> Path:
+    """Write a complete cache from in-memory arrays (embeddings computed elsewhere, tests).
+
+    ``teacher`` is the teacher's fingerprint dict; statuses default to all valid.
+    """
+    from pipeline.fingerprint import fingerprint
+
+    path = Path(path)
+    modalities = frozenset(k for k, e in (("image", image_emb), ("text", text_emb)) if e is not None)
+    embed_dim = next(e.shape[1] for e in (image_emb, text_emb) if e is not None)
+    n_img, n_txt = len(image_ids), len(text_ids)
+    attrs = base_attrs("vlm-distill/teacher-cache") | dict(
+        teacher=teacher, teacher_fingerprint=fingerprint(teacher), dataset_fingerprint=dataset_fingerprint,
+        split=split, modalities=sorted(modalities), embed_dim=int(embed_dim), logit_scale=float(logit_scale),
+        n_images=n_img, n_texts=n_txt, rows_per_shard=layout.rows_per_shard, skipped=[])
+    group = create_teacher_store(path, n_images=n_img, n_texts=n_txt, embed_dim=int(embed_dim),
+                                 modalities=modalities, attrs=attrs, layout=layout)
+    columns = {
+        "image": {"image_id": np.asarray(image_ids, dtype=str), "image_emb": image_emb,
+                  "image_status": np.full(n_img, ROW_VALID, np.uint8) if image_status is None else image_status},
+        "text": {"text_id": np.asarray(text_ids, dtype=str), "text_emb": text_emb,
+                 "text_to_image": np.asarray(text_to_image, dtype=np.int32),
+                 "text_status": np.full(n_txt, ROW_VALID, np.uint8) if text_status is None else text_status},
+    }
+    for kind, n in (("image", n_img), ("text", n_txt)):
+        arrays = {k: (v.astype(np.float16) if k.endswith("_emb") else v)
+                  for k, v in columns[kind].items() if v is not None}
+        for start, stop in row_units(n, layout.rows_per_shard):
+            write_unit(group, start, stop, {k: v[start:stop] for k, v in arrays.items()})
+    group.attrs.update({"complete": True})
+    return path

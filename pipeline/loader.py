@@ -1,0 +1,266 @@
+"""Training data: shards streamed through a shuffle buffer and joined to teacher-cache rows.
+
+Samples are matched to cache rows by their stable ids (``shard/key`` for images,
+``shard/key#c`` for captions), never by position, so a reordered stream still meets the right
+teacher targets. Every random choice (shard order, shuffle buffer, caption, augmentation) is
+derived from ``(seed, epoch, ...)`` rather than a global RNG: the stream of an epoch is a pure
+function of the seed, so a run resumes exactly from ``(epoch, position)`` whatever the workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.cache import TeacherCache
+from pipeline.data.shards import Manifest, iter_samples, make_handler
+from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 64-bit seed that depends only on ``parts`` (stable across processes and runs)."""
+    digest = hashlib.sha256(json.dumps(parts, default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+@dataclass
+class TeacherTargets:
+    """Teacher embeddings and row lookups merged from one or more caches of one dataset split.
+
+    Each modality comes from the first listed cache holding it; a row is usable only if every
+    cache marks it valid.
+    """
+
+    paths: tuple[str, ...]
+    image_emb: np.ndarray | None
+    text_emb: np.ndarray | None
+    logit_scale: float | None
+    image_rows: dict[str, int]
+    text_rows: dict[str, int]
+    text_to_image: np.ndarray
+    image_valid: np.ndarray
+    text_valid: np.ndarray
+    sources: dict[str, str]                # cache field -> path of the cache providing it
+    teacher_fingerprints: dict[str, str]   # path -> teacher fingerprint
+
+    @property
+    def available(self) -> set[str]:
+        """Cache fields present (what ``DistillLoss.requires`` is checked against)."""
+        return set(self.sources)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Teacher embedding width per modality."""
+        arrays = {"image": self.image_emb, "text": self.text_emb}
+        return {m: a.shape[1] for m, a in arrays.items() if a is not None}
+
+    @property
+    def paired(self) -> bool:
+        """Whether image and text embeddings come from one teacher (one embedding space)."""
+        return self.sources.get("image_emb") is not None and \
+            self.sources.get("image_emb") == self.sources.get("text_emb")
+
+    def usable_images(self) -> int:
+        """Images that are valid and keep at least one valid caption."""
+        with_caption = np.bincount(self.text_to_image[self.text_valid],
+                                   minlength=len(self.image_valid)) > 0
+        return int((with_caption & self.image_valid).sum())
+
+
+def _check_dataset(cache: TeacherCache, manifest: Manifest) -> None:
+    """Refuse a cache built from other data (``TeacherCache.open`` checks too; this names it)."""
+    if cache.dataset_fingerprint != manifest.fingerprint:
+        raise FingerprintMismatchError(
+            "dataset", str(cache.path), manifest.fingerprint, cache.dataset_fingerprint,
+            f"the cache was not built from {manifest.root}; rerun `distill teach` or fix train.caches")
+
+
+def open_targets(paths: Sequence[str], manifest: Manifest) -> TeacherTargets:
+    """Open the caches of ``paths`` for ``manifest``'s dataset and merge them."""
+    if not paths:
+        raise CacheError("train.caches is empty: list at least one teacher cache (a .zarr store)")
+    caches = [TeacherCache.open(p, expect_dataset=manifest.fingerprint) for p in paths]
+    first = caches[0]
+    for cache in caches:
+        _check_dataset(cache, manifest)
+        if not (np.array_equal(cache.image_ids, first.image_ids)
+                and np.array_equal(cache.text_ids, first.text_ids)):
+            raise CacheError(f"{cache.path}: row ids differ from {first.path} although both "
+                             "claim the same dataset; rebuild them with `distill teach`")
+    sources: dict[str, str] = {}
+    for cache in caches:
+        for field, arr in (("image_emb", cache.image_emb), ("text_emb", cache.text_emb)):
+            if arr is not None and field not in sources:
+                sources[field] = str(cache.path)
+    by_path = {str(c.path): c for c in caches}
+    pick = lambda f: None if f not in sources else getattr(by_path[sources[f]], f)  # noqa: E731
+    both = [c for c in caches if c.image_emb is not None and c.text_emb is not None]
+    return TeacherTargets(
+        paths=tuple(str(p) for p in paths), image_emb=pick("image_emb"), text_emb=pick("text_emb"),
+        logit_scale=(both[0] if both else first).logit_scale,
+        image_rows=first.image_row(), text_rows=first.text_row(),
+        text_to_image=first.text_to_image,
+        image_valid=np.logical_and.reduce([c.image_valid for c in caches]),
+        text_valid=np.logical_and.reduce([c.text_valid for c in caches]),
+        sources=sources, teacher_fingerprints={str(c.path): c.teacher_fingerprint for c in caches})
+
+
+@dataclass
+class TrainItem:
+    """One (image, caption) pair with the cache rows holding its teacher targets."""
+
+    sample_id: str
+    image_row: int
+    text_row: int
+    caption: str
+    pixels: Tensor
+
+
+@dataclass
+class SkipEvent:
+    """A sample left out of training, reported through the stream so workers lose no counts."""
+
+    sample_id: str
+    reason: str
+
+
+@dataclass
+class _Candidate:
+    """A joined sample waiting in the shuffle buffer (pixels are made when it leaves)."""
+
+    sample_id: str
+    image_row: int
+    text_row: int
+    caption: str
+    image: PIL.Image.Image
+    rng: random.Random
+
+
+@dataclass(frozen=True)
+class LoaderState:
+    """Where the stream stands: elements of epoch ``epoch`` consumed so far."""
+
+    epoch: int = 0
+    position: int = 0
+
+
+class DistillStream(IterableDataset):
+    """One epoch of joined training samples (workers split the shards between them)."""
+
+    def __init__(self, manifest: Manifest, targets: TeacherTargets,
+                 transform: Callable[[PIL.Image.Image, random.Random], Tensor], *, seed: int,
+                 epoch: int, shuffle_buffer: int, on_bad_image: str) -> None:
+        super().__init__()
+        self.manifest, self.transform = manifest, transform
+        self.seed, self.epoch, self.shuffle_buffer = seed, epoch, shuffle_buffer
+        self.on_bad_image = on_bad_image
+        # Only lookups go to workers; embeddings stay in the main process.
+        self.image_rows, self.text_rows = targets.image_rows, targets.text_rows
+        self.image_valid, self.text_valid = targets.image_valid, targets.text_valid
+
+    def shard_order(self) -> list[str]:
+        """Shard names in this epoch's seeded order."""
+        names = [s.name for s in self.manifest.shards]
+        random.Random(derive_seed(self.seed, "shards", self.epoch)).shuffle(names)
+        return names
+
+    def _join(self, sample: Any) -> _Candidate | SkipEvent:
+        """Attach cache rows to a sample and pick this epoch's caption among the valid ones."""
+        sid = sample.sample_id
+        row = self.image_rows.get(sid)
+        if row is None:
+            raise CacheError(f"sample {sid} has no row in the teacher cache although the dataset "
+                             "fingerprints match; the cache is damaged: rebuild it with `distill teach`")
+        if sample.image is None:
+            return SkipEvent(sid, f"image could not be decoded ({sample.error})")
+        if not self.image_valid[row]:
+            return SkipEvent(sid, "teacher cache marks the image row invalid")
+        captions = [(self.text_rows[f"{sid}#{c}"], text) for c, text in enumerate(sample.captions)]
+        captions = [(r, text) for r, text in captions if self.text_valid[r]]
+        if not captions:
+            return SkipEvent(sid, "no caption with a valid teacher cache row")
+        rng = random.Random(derive_seed(self.seed, "sample", self.epoch, sid))
+        text_row, caption = captions[rng.randrange(len(captions))]
+        return _Candidate(sid, row, text_row, caption, sample.image, rng)
+
+    def _joined(self, shards: Sequence[str]) -> Iterator[_Candidate | SkipEvent]:
+        handler = make_handler(self.on_bad_image)  # type: ignore[arg-type]
+        for shard in shards:
+            for sample in iter_samples(self.manifest, shards=[shard], handler=handler):
+                yield self._join(sample)
+
+    def _emit(self, cand: _Candidate) -> TrainItem:
+        pixels = self.transform(cand.image, cand.rng)
+        return TrainItem(cand.sample_id, cand.image_row, cand.text_row, cand.caption, pixels)
+
+    def __iter__(self) -> Iterator[TrainItem | SkipEvent]:
+        info = get_worker_info()
+        wid, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        rng = random.Random(derive_seed(self.seed, "buffer", self.epoch, wid))
+        buffer: list[_Candidate] = []
+        for element in self._joined(self.shard_order()[wid::n_workers]):
+            if isinstance(element, SkipEvent):
+                yield element
+            elif len(buffer) < self.shuffle_buffer:
+                buffer.append(element)
+            else:
+                slot = rng.randrange(len(buffer))
+                yield self._emit(buffer[slot])
+                buffer[slot] = element
+        rng.shuffle(buffer)
+        for cand in buffer:
+            yield self._emit(cand)
+
+
+def _as_is(element: Any) -> Any:
+    """Collate function for ``batch_size=None``: pass stream elements through untouched."""
+    return element
+
+
+def iter_batches(make_dataset: Callable[[int], IterableDataset], batch_size: int,
+                 num_workers: int, state: LoaderState
+                 ) -> Iterator[tuple[list[TrainItem], LoaderState, list[SkipEvent]]]:
+    """Endless full batches, epoch after epoch, starting at ``state``.
+
+    Yields ``(items, state_after, skips)``; ``skips`` are the skip events met since the previous
+    batch. Each epoch's last partial batch is dropped (a batch never mixes epochs, so an image
+    never meets itself as a negative). Resuming re-reads the epoch and drops ``position`` elements:
+    the merged stream is deterministic, so this is exact for any ``num_workers``.
+    """
+    epoch, drop = state.epoch, state.position
+    skips: list[SkipEvent] = []
+    while True:
+        loader = DataLoader(make_dataset(epoch), batch_size=None, num_workers=num_workers,
+                            collate_fn=_as_is)
+        position, produced, items = 0, 0, []
+        for element in loader:
+            position += 1
+            if position <= drop:
+                continue
+            if isinstance(element, SkipEvent):
+                skips.append(element)
+                continue
+            items.append(element)
+            if len(items) == batch_size:
+                yield items, LoaderState(epoch, position), skips
+                items, skips, produced = [], [], produced + 1
+        if produced == 0 and drop == 0:
+            raise PipelineError(f"epoch {epoch} yielded no full batch of {batch_size}: the split has "
+                                "fewer usable samples than batch_size; lower train.batch_size")
+        epoch, drop = epoch + 1, 0
+
+
+def collate(items: Sequence[TrainItem]) -> dict[str, Any]:
+    """Stack a batch: pixels, cache rows and captions (tokenised later by the student)."""
+    return {"pixels": torch.stack([it.pixels for it in items]),
+            "image_rows": torch.tensor([it.image_row for it in items], dtype=torch.long),
+            "text_rows": torch.tensor([it.text_row for it in items], dtype=torch.long),
+            "captions": [it.caption for it in items]}

@@ -1,0 +1,325 @@
+"""Stage 1 (``teach``): run one frozen teacher over a dataset's splits into Zarr caches.
+
+Work is cut into units of one Zarr shard of rows each (``rows_per_shard`` images, or texts). A
+unit is computed, checked (finite values), written as whole shards and then recorded as done in
+the scratch directory, so a rerun after an interruption computes only the unfinished units. When
+every unit of every split is done, the stores are marked complete and moved into the output by a
+rename. An output that is already complete for the same teacher and dataset is left alone: a
+teacher pass is never paid for twice.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline import __version__
+from pipeline.cache import (ROW_INVALID, ROW_VALID, Layout, base_attrs, create_teacher_store,
+                            row_units, validate_attrs, write_unit)
+from pipeline.data.shards import Manifest, SkipCounter, iter_samples, load_manifest, strict_handler
+from pipeline.errors import CacheError, PipelineError
+from pipeline.fingerprint import fingerprint
+from pipeline.progress import progress_task
+from pipeline.scratch import ScratchRun
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    """One teacher of ``params.yaml``'s ``teachers`` mapping."""
+
+    teacher: str                                           # registry name (`distill teachers` lists them)
+    kwargs: dict[str, Any] = field(default_factory=dict)   # passed to the teacher's factory
+
+
+@dataclass(frozen=True)
+class TeachConfig:
+    """Parameters of the ``teach`` stage (``params.yaml`` section ``teach``)."""
+
+    dataset: str = "data/emoji"            # dataset root: one folder of shards per split
+    splits: tuple[str, ...] = ("train", "test")
+    out_root: str = "caches"               # stores go to <out_root>/<teacher name>/<split>.zarr
+    batch_size: int = 32                   # images per teacher forward (texts: 4x this)
+    rows_per_shard: int = 1024             # rows per Zarr shard file = one unit of work
+    rows_per_chunk: int = 128              # rows per checksummed chunk inside a shard
+    device: str = "auto"                   # "auto" = cuda when available, else cpu
+    on_bad_image: Literal["skip", "strict"] = "skip"  # skip: count, log, mark row invalid
+    prefetch_batches: int = 4              # decoded batches queued ahead of the teacher
+    summary_dir: str = "reports/teach"     # per-teacher run summary (forward passes, skips)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
+    """Iterate ``items`` in a background thread, ``depth`` items ahead (decode overlaps compute)."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    done = object()
+
+    def worker() -> None:
+        try:
+            for item in items:
+                q.put(item)
+        except BaseException as exc:  # re-raised in the consumer
+            q.put(exc)
+        q.put(done)
+
+    threading.Thread(target=worker, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` items (the last may be shorter)."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def shards_covering(offsets: list[int], counts: list[int], names: list[str],
+                    start: int, stop: int) -> list[str]:
+    """Names of the tar shards whose rows intersect ``[start, stop)``."""
+    return [n for n, o, c in zip(names, offsets, counts) if o < stop and o + c > start]
+
+
+def check_finite(emb: np.ndarray, ids: list[str], where: str) -> None:
+    """Refuse non-finite teacher outputs before anything is written, naming the samples."""
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+    if bad.size:
+        named = ", ".join(ids[i] for i in bad[:10])
+        raise PipelineError(
+            f"{where}: the teacher returned NaN/Inf for {bad.size} sample(s): {named}. Nothing of "
+            "this unit was written; check the teacher (weights, dtype/autocast) and rerun."
+        )
+
+
+def _image_rows(manifest: Manifest, start: int, stop: int, decode: bool,
+                handler: Callable) -> Iterator[tuple[int, Any]]:
+    """(image row, sample) for rows ``[start, stop)``, in row order; other images are not read."""
+    samples = iter_samples(manifest, decode_images=decode, handler=handler, start=start, stop=stop)
+    for row, sample in enumerate(samples, start):
+        yield row, sample
+
+
+def compute_image_unit(teacher: Any, manifest: Manifest, start: int, stop: int, cfg: TeachConfig,
+                       advance: Callable) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
+    """Embed images ``[start, stop)``; undecodable ones are listed, marked invalid, left zero."""
+    handler = SkipCounter() if cfg.on_bad_image == "skip" else strict_handler
+    skipped: list[dict[str, str]] = []
+    has_image = "image" in teacher.modalities
+    n = stop - start
+    ids = np.empty(n, dtype=object)
+    status = np.full(n, ROW_VALID, dtype=np.uint8)
+    emb = np.zeros((n, teacher.embed_dim), dtype=np.float32) if has_image else None
+
+    def preprocessed() -> Iterator[tuple[int, str, torch.Tensor | None]]:
+        for row, sample in _image_rows(manifest, start, stop, has_image, handler):
+            if sample.error is not None:
+                skipped.append({"id": sample.sample_id, "reason": sample.error})
+            pixels = teacher.preprocess(sample.image) if sample.image is not None else None
+            yield row - start, sample.sample_id, pixels
+
+    for batch in prefetch(batched(preprocessed(), cfg.batch_size), cfg.prefetch_batches):
+        for i, sid, _ in batch:
+            ids[i] = sid
+        good = [(i, px) for i, _, px in batch if px is not None]
+        if has_image:
+            for i, _, px in batch:
+                if px is None:
+                    status[i] = ROW_INVALID
+            if good:
+                out = teacher.encode_images(torch.stack([px for _, px in good]))
+                emb[[i for i, _ in good]] = out.float().cpu().numpy()
+        advance(len(batch))
+    arrays: dict[str, np.ndarray] = {"image_id": ids.astype(str), "image_status": status}
+    if emb is not None:
+        check_finite(emb, list(ids), f"images [{start}, {stop}) of {manifest.root}")
+        arrays["image_emb"] = emb.astype(np.float16)
+    return arrays, skipped
+
+
+def _text_rows(manifest: Manifest, start: int, stop: int) -> Iterator[tuple[int, int, str, str]]:
+    """(text row, image row, text id, caption) for text rows ``[start, stop)``."""
+    names = [s.name for s in manifest.shards]
+    t_off, i_off = manifest.text_offsets(), manifest.image_offsets()
+    counts = [s.n_texts for s in manifest.shards]
+    for name in shards_covering(t_off, counts, names, start, stop):
+        k = names.index(name)
+        text_row, image_row = t_off[k], i_off[k]
+        for sample in iter_samples(manifest, shards=[name], decode_images=False):
+            for c, caption in enumerate(sample.captions):
+                if start <= text_row < stop:
+                    yield text_row, image_row, f"{sample.sample_id}#{c}", caption
+                text_row += 1
+            image_row += 1
+
+
+def compute_text_unit(teacher: Any, manifest: Manifest, start: int, stop: int,
+                      cfg: TeachConfig, advance: Callable) -> dict[str, np.ndarray]:
+    """Embed captions ``[start, stop)`` and record each caption's image row."""
+    has_text = "text" in teacher.modalities
+    n = stop - start
+    ids = np.empty(n, dtype=object)
+    to_image = np.full(n, -1, dtype=np.int32)
+    emb = np.zeros((n, teacher.embed_dim), dtype=np.float32) if has_text else None
+    for batch in batched(_text_rows(manifest, start, stop), cfg.batch_size * 4):
+        rows = [t - start for t, _, _, _ in batch]
+        ids[rows] = [tid for _, _, tid, _ in batch]
+        to_image[rows] = [i for _, i, _, _ in batch]
+        if has_text:
+            emb[rows] = teacher.encode_texts([cap for *_, cap in batch]).float().cpu().numpy()
+        advance(len(batch))
+    arrays = {"text_id": ids.astype(str), "text_to_image": to_image,
+              "text_status": np.full(n, ROW_VALID, dtype=np.uint8)}
+    if emb is not None:
+        check_finite(emb, list(ids), f"texts [{start}, {stop}) of {manifest.root}")
+        arrays["text_emb"] = emb.astype(np.float16)
+    return arrays
+
+
+@dataclass
+class TeachRun:
+    """State of one ``teach`` run over one teacher (what the summary reports)."""
+
+    name: str
+    teacher: Any
+    cfg: TeachConfig
+    manifests: dict[str, Manifest]
+    teacher_fp: dict[str, Any]
+    units_computed: int = 0
+    units_resumed: int = 0
+    skipped: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_root) / self.name
+
+    def store_attrs(self, split: str) -> dict[str, Any]:
+        manifest = self.manifests[split]
+        attrs = base_attrs("vlm-distill/teacher-cache")
+        attrs.update(
+            teacher=self.teacher_fp, teacher_fingerprint=fingerprint(self.teacher_fp),
+            dataset_fingerprint=manifest.fingerprint, split=split,
+            modalities=sorted(self.teacher.modalities), embed_dim=int(self.teacher.embed_dim),
+            logit_scale=float(self.teacher.logit_scale), n_images=manifest.n_images,
+            n_texts=manifest.n_texts, rows_per_shard=self.cfg.rows_per_shard, skipped=[],
+        )
+        return attrs
+
+
+def cache_is_current(out: Path, run: TeachRun) -> bool:
+    """Whether ``out`` already holds complete stores for this teacher and dataset."""
+    for split, manifest in run.manifests.items():
+        store = out / f"{split}.zarr"
+        if not (store / "zarr.json").exists():
+            return False
+        attrs = dict(zarr.open_group(str(store), mode="r", zarr_format=3).attrs)
+        run.skipped[split] = list(attrs.get("skipped", []))
+        expected = run.store_attrs(split)
+        if not attrs.get("complete") or any(
+            attrs.get(k) != expected[k]
+            for k in ("teacher_fingerprint", "dataset_fingerprint", "rows_per_shard", "schema_version")
+        ):
+            return False
+    return True
+
+
+def _run_split(run: TeachRun, scratch: ScratchRun, split: str, advance: Callable) -> None:
+    """Compute every unfinished unit of one split into its staging store."""
+    manifest = run.manifests[split]
+    path = scratch.staging / f"{split}.zarr"
+    layout = Layout(run.cfg.rows_per_shard, run.cfg.rows_per_chunk)
+    if not (path / "zarr.json").exists():
+        create_teacher_store(path, n_images=manifest.n_images, n_texts=manifest.n_texts,
+                             embed_dim=int(run.teacher.embed_dim), modalities=run.teacher.modalities,
+                             attrs=run.store_attrs(split), layout=layout)
+    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+    for kind, n_rows in (("image", manifest.n_images), ("text", manifest.n_texts)):
+        for start, stop in row_units(n_rows, run.cfg.rows_per_shard):
+            unit = f"{split}-{kind}-{start:012d}"
+            if scratch.is_done(unit):
+                run.units_resumed += 1
+                run.skipped.setdefault(split, []).extend(scratch.done_info(unit).get("skipped", []))
+                advance(stop - start)
+                continue
+            skipped: list[dict[str, str]] = []
+            if kind == "image":
+                arrays, skipped = compute_image_unit(run.teacher, manifest, start, stop, run.cfg, advance)
+            else:
+                arrays = compute_text_unit(run.teacher, manifest, start, stop, run.cfg, advance)
+            write_unit(group, start, stop, arrays)
+            scratch.mark_done(unit, {"skipped": skipped})
+            run.skipped.setdefault(split, []).extend(skipped)
+            run.units_computed += 1
+    _finalise_store(group, run, split)
+
+
+def _finalise_store(group: zarr.Group, run: TeachRun, split: str) -> None:
+    """Check every row was written, then record skips and mark the store complete."""
+    for kind in ("image", "text"):
+        status = group[f"{kind}_status"][:]
+        if (status == 0).any():
+            raise CacheError(f"{group.store}: {int((status == 0).sum())} {kind} rows unwritten "
+                             "after all units finished; the scratch directory is damaged: delete it and rerun")
+    attrs = dict(group.attrs)
+    attrs.update(skipped=sorted(run.skipped.get(split, []), key=lambda s: s["id"]), complete=True)
+    validate_attrs(attrs, "teacher-cache.v1", str(group.store))
+    group.attrs.update(attrs)
+
+
+def run_teach(cfg: TeachConfig, name: str, teacher: Any, progress: bool | None = None) -> dict[str, Any]:
+    """Build (or resume, or keep) the caches of teacher ``name``; returns the run summary."""
+    t0 = time.perf_counter()
+    root = Path(cfg.dataset)
+    manifests = {split: load_manifest(root / split, verify=True) for split in cfg.splits}
+    run = TeachRun(name, teacher, cfg, manifests, teacher.fingerprint())
+    calls_before = teacher.forward_calls
+    up_to_date = cache_is_current(run.out, run)
+    if not up_to_date:
+        run.skipped.clear()
+        run_fp = fingerprint({
+            "teacher": run.teacher_fp, "layout": [cfg.rows_per_shard, cfg.rows_per_chunk],
+            "datasets": {s: m.fingerprint for s, m in manifests.items()},
+            "package": __version__,
+        })
+        scratch = ScratchRun(run.out, run_fp)
+        total = sum(m.n_images + m.n_texts for m in manifests.values())
+        with progress_task(f"teach {name}", total, progress) as advance:
+            for split in cfg.splits:
+                _run_split(run, scratch, split, advance)
+        scratch.publish()
+    return _summary(run, up_to_date, teacher.forward_calls - calls_before, time.perf_counter() - t0)
+
+
+def _summary(run: TeachRun, up_to_date: bool, forward_calls: int, seconds: float) -> dict[str, Any]:
+    summary = {
+        "teacher": run.name, "teacher_fingerprint": fingerprint(run.teacher_fp),
+        "up_to_date": up_to_date, "forward_calls": forward_calls,
+        "units_computed": run.units_computed, "units_resumed": run.units_resumed,
+        "images": {s: m.n_images for s, m in run.manifests.items()},
+        "texts": {s: m.n_texts for s, m in run.manifests.items()},
+        "skipped_count": sum(len(v) for v in run.skipped.values()),
+        "skipped": run.skipped, "seconds": round(seconds, 3),
+    }
+    summary_dir = Path(run.cfg.summary_dir)
+    summary_dir.mkdir(parents=True, exist_ok=True)
+    (summary_dir / f"{run.name}.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary

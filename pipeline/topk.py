@@ -1,0 +1,164 @@
+"""Exact top-k by dot product in bounded memory.
+
+Similarities are computed block by block (``block_rows`` queries x ``block_keys`` keys, float32
+matmul) and merged into a running top-k per query, so memory never holds the full
+[Nq, Nk] matrix. Results are exactly reproducible: ties are broken by the lower key index.
+
+Two tricks keep this exact and cheap:
+
+* Each (similarity, key index) pair is packed into one int64 whose integer order is
+  "higher similarity first, then lower index": the upper 32 bits are the float32 bits mapped
+  to a monotone signed integer, the lower 32 bits are ``2**32 - 1 - index``. Packed values are
+  distinct, so ``torch.topk`` on them is deterministic, and similarity and index decode back
+  from the winners.
+* Only block entries that can still enter the running top-k are packed: those strictly above
+  the current k-th best similarity (an equal one loses the tie, since key blocks are visited
+  in index order). After the first key block that is a small fraction of the block, so the
+  cost is dominated by the matmul instead of a full top-k over every block.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_LOW32 = 0xFFFFFFFF
+_MAX_KEYS = _LOW32  # indices must fit in the low 32 bits, one value kept for the sentinel
+
+
+def _monotone_bits(x: torch.Tensor) -> torch.Tensor:
+    """float32 bits viewed as int32 -> int32 whose integer order is the float order (in place;
+    negative floats order backwards as integers, so their magnitude bits flip; self-inverse)."""
+    x ^= (x >> 31) & 0x7FFFFFFF
+    return x
+
+
+def _pack(sim: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """float32 similarities and int64 key indices (same shape, ``sim`` is consumed) -> int64."""
+    sim.add_(0.0)  # -0.0 -> +0.0: equal floats must get equal upper bits
+    packed = _monotone_bits(sim.view(torch.int32)).to(torch.int64)
+    packed <<= 32
+    packed |= _LOW32 - index
+    return packed
+
+
+def _unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed int64 -> (index int64, similarity float32)."""
+    index = _LOW32 - (packed & _LOW32)
+    bits = _monotone_bits((packed >> 32).to(torch.int32))
+    return index, bits.view(torch.float32)
+
+
+# "no entry": decodes to similarity -inf and ranks below every real pair
+_SENTINEL = int(_pack(torch.tensor([float("-inf")]), torch.tensor([_LOW32]))[0])
+
+
+def _as_f32(name: str, x: np.ndarray) -> torch.Tensor:
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [N, D], got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or inf; top-k order would be undefined")
+    return torch.from_numpy(arr)
+
+
+def _block_sims(
+    q: torch.Tensor, kb: torch.Tensor, q0: int, k0: int,
+    invalid: torch.Tensor | None, exclude_self: bool,
+) -> torch.Tensor:
+    """Similarities of one query block to one key block, excluded pairs set to -inf."""
+    sim = q @ kb.T
+    if invalid is not None:
+        sim.masked_fill_(invalid[k0:k0 + kb.shape[0]], float("-inf"))
+    if exclude_self:
+        lo, hi = max(q0, k0), min(q0 + q.shape[0], k0 + kb.shape[0])
+        if lo < hi:
+            rows = torch.arange(lo, hi)
+            sim[rows - q0, rows - k0] = float("-inf")
+    return sim
+
+
+def _candidates(best: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
+    """Bool mask of block entries that may enter the running top-k ``best`` [b,k]."""
+    kth_best = _unpack(best[:, -1:])[1]  # -inf where fewer than k entries so far
+    cand = sim > kth_best  # also drops excluded (-inf) pairs
+    if not bool(torch.isfinite(kth_best).all()):
+        # rows still filling up: bound by the block's own k-th value, or every entry would pass
+        k = min(best.shape[1], sim.shape[1])
+        block_kth = torch.topk(sim, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+        cand &= sim >= block_kth
+    return cand
+
+
+def _merge(best: torch.Tensor, sim: torch.Tensor, k0: int) -> torch.Tensor:
+    """Running packed top-k [b,k] merged with the similarities [b,m] of keys k0..k0+m."""
+    rows, cols = _candidates(best, sim).nonzero(as_tuple=True)
+    if rows.numel() == 0:
+        return best
+    # lay each row's candidates out left-aligned in a [b, max count] sentinel-padded matrix
+    counts = torch.bincount(rows, minlength=sim.shape[0])
+    slot = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts)[rows]
+    padded = torch.full((sim.shape[0], int(counts.max())), _SENTINEL, dtype=torch.int64)
+    padded[rows, slot] = _pack(sim[rows, cols], cols + k0)
+    merged = torch.cat([best, padded], dim=1)
+    return torch.topk(merged, best.shape[1], dim=1, sorted=True).values
+
+
+def _topk_rows(
+    q: torch.Tensor, keys: torch.Tensor, q0: int, k: int, block_keys: int,
+    invalid: torch.Tensor | None, exclude_self: bool,
+) -> torch.Tensor:
+    """Packed top-k [b,k] (best first) of one query block over all key blocks in index order."""
+    best = torch.full((q.shape[0], k), _SENTINEL, dtype=torch.int64)
+    for k0 in range(0, keys.shape[0], block_keys):
+        sim = _block_sims(q, keys[k0:k0 + block_keys], q0, k0, invalid, exclude_self)
+        best = _merge(best, sim, k0)
+    return best
+
+
+def _check(q: torch.Tensor, keys: torch.Tensor, k: int, key_valid, exclude_self: bool):
+    """Validate shapes; return the invalid-key mask (or None)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if q.shape[1] != keys.shape[1]:
+        raise ValueError(f"dimension mismatch: queries D={q.shape[1]}, keys D={keys.shape[1]}")
+    if exclude_self and q.shape[0] != keys.shape[0]:
+        raise ValueError("exclude_self needs queries and keys from the same set (Nq == Nk)")
+    if keys.shape[0] >= _MAX_KEYS:
+        raise ValueError(f"at most {_MAX_KEYS - 1} keys are supported")
+    if key_valid is None:
+        return None
+    valid = np.asarray(key_valid, dtype=bool)
+    if valid.shape != (keys.shape[0],):
+        raise ValueError(f"key_valid must have shape ({keys.shape[0]},), got {valid.shape}")
+    return torch.from_numpy(~valid)
+
+
+def blocked_topk(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    k: int,
+    block_rows: int = 4096,
+    key_valid: np.ndarray | None = None,
+    exclude_self: bool = False,
+    block_keys: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k keys by dot product for every query.
+
+    queries [Nq,D], keys [Nk,D] (any float dtype; computed in float32). Returns
+    (idx int32 [Nq,k], sim float32 [Nq,k]) sorted by descending similarity, ties broken by the
+    lower key index. Keys with ``key_valid`` False are never returned; ``exclude_self`` (same
+    set: Nq == Nk) drops key i for query i. Rows with fewer than k candidates are padded with
+    idx -1 and sim -inf. Peak extra memory ~ block_rows x block_keys x 6 bytes (similarities
+    and candidate mask) plus the candidates and the running top-k (block_rows x k x 8 bytes).
+    """
+    q_all, key_t = _as_f32("queries", queries), _as_f32("keys", keys)
+    invalid = _check(q_all, key_t, k, key_valid, exclude_self)
+    idx = np.empty((q_all.shape[0], k), dtype=np.int32)
+    sim = np.empty((q_all.shape[0], k), dtype=np.float32)
+    for q0 in range(0, q_all.shape[0], block_rows):
+        best = _topk_rows(q_all[q0:q0 + block_rows], key_t, q0, k, block_keys, invalid, exclude_self)
+        b_idx, b_sim = _unpack(best)
+        found = torch.isfinite(b_sim)  # sentinel slots decode to -inf
+        idx[q0:q0 + best.shape[0]] = torch.where(found, b_idx, -1).numpy()
+        sim[q0:q0 + best.shape[0]] = b_sim.numpy()
+    return idx, sim

@@ -1,0 +1,392 @@
+"""Stage 2 (``train``): fit a student dual encoder to cached teacher embeddings.
+
+Teacher targets come only from the Zarr caches written by ``teach``; this module never builds or
+imports a teacher, so a training run costs no teacher forward pass. The loop is single-process
+and keeps all its state in a ``TrainRun`` (no globals), so a DistributedDataParallel wrapper
+can be added around it later.
+
+Outputs in ``out_dir``: ``student.safetensors`` + ``student.json`` (the final model),
+``checkpoints/last.safetensors`` (weights, optimizer, step, loader position, RNG; the run
+resumes from it), ``train_log.csv`` (one row per ``log_every`` steps) and ``train_summary.json``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from pipeline.data.shards import Manifest, load_manifest
+from pipeline.errors import CacheError, PipelineError
+from pipeline.fingerprint import fingerprint
+from pipeline.loader import (DistillStream, LoaderState, SkipEvent, TeacherTargets, collate,
+                             iter_batches, open_targets)
+from pipeline.losses import (CombinedLoss, DistillBatch, LossTerm, build_objective,
+                             check_requirements)
+from pipeline.progress import progress_task
+from pipeline.students import Student, create_student, read_checkpoint, save_checkpoint
+
+# Training reads teacher outputs from caches only; no teacher is constructed in this stage.
+TEACHER_FORWARD_CALLS = 0
+MAX_LOGIT_SCALE = 100.0  # CLIP's cap on exp(logit_scale), applied to the parameter after each step
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Parameters of the ``train`` stage (``params.yaml`` section ``train``)."""
+
+    student: str = "open_clip_tiny"                               # STUDENTS registry name
+    student_kwargs: dict[str, Any] = field(default_factory=dict)  # architecture overrides
+    losses: tuple[LossTerm, ...] = (LossTerm("contrastive"), LossTerm("similarity_kl"))
+    dataset: str = "data/emoji"               # dataset root: one folder of shards per split
+    split: str = "train"                      # split trained on (<dataset>/<split>)
+    caches: tuple[str, ...] = ("caches/demo_clip/train.zarr",)  # teacher caches of that split
+    out_dir: str = "models/student"           # model, checkpoints, log and summary go here
+    batch_size: int = 64                      # (image, caption) pairs per step
+    steps: int | None = None                  # total optimizer steps; None = derive from epochs
+    epochs: float = 10.0                      # used when steps is None
+    lr: float = 5e-4                          # peak AdamW learning rate
+    weight_decay: float = 0.1                 # on matrices only (not biases, norms, logit_scale)
+    warmup_steps: int = 50                    # linear warm-up, then cosine decay to 0
+    grad_clip_norm: float | None = None       # clip the global grad norm when set
+    seed: int = 0                             # model init, shard/sample order, augmentation
+    shuffle_buffer: int = 1000                # samples held for shuffling (per worker)
+    augment: bool = True                      # random resized crop + flip on training images
+    num_workers: int = 0                      # DataLoader workers (0 = decode in the main process)
+    log_every: int = 10                       # steps between rows of train_log.csv
+    checkpoint_every: int = 200               # steps between resumable checkpoints
+    device: str = "auto"                      # "auto" = cuda when available, else cpu
+    amp: bool = True                          # bf16 autocast for the towers on CUDA (ignored on CPU)
+    on_bad_image: Literal["skip", "strict"] = "skip"  # skip: count undecodable images and go on
+    resume: bool = True                       # continue from checkpoints/last.safetensors if present
+
+
+@dataclass
+class TrainRun:
+    """Everything one training run holds (passed around instead of module state)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    manifest: Manifest
+    targets: TeacherTargets
+    student: Student
+    objective: CombinedLoss
+    optimizer: torch.optim.Optimizer
+    total_steps: int
+    run_fingerprint: str
+    step: int = 0
+    loader_state: LoaderState = LoaderState()
+    samples_seen: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)  # sample id -> reason
+    skip_events: int = 0                                   # skips over all epochs
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoints" / "last.safetensors"
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when a GPU is visible, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
+    """Learning rate of (1-based) ``step``: linear warm-up, then cosine decay to zero."""
+    if warmup > 0 and step <= warmup:
+        return peak * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(student: Student, objective: CombinedLoss, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over student and loss parameters (e.g. feature projections).
+
+    Decay applies to matrices only: decaying gains, biases or the temperature hurts CLIP training.
+    """
+    params = [p for m in (student, objective) for p in m.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def total_steps(cfg: TrainConfig, targets: TeacherTargets) -> int:
+    """``cfg.steps``, or ``epochs`` full batches over the usable images."""
+    if cfg.steps is not None:
+        return cfg.steps
+    per_epoch = targets.usable_images() // cfg.batch_size
+    if per_epoch == 0:
+        raise PipelineError(f"{targets.usable_images()} usable images cannot fill one batch of "
+                            f"{cfg.batch_size}; lower train.batch_size")
+    return max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+def run_fingerprint(cfg: TrainConfig, manifest: Manifest, targets: TeacherTargets) -> str:
+    """What a checkpoint must agree on to be resumed (steps may change: longer runs resume)."""
+    keys = ("student", "student_kwargs", "losses", "batch_size", "lr", "weight_decay",
+            "warmup_steps", "grad_clip_norm", "seed", "shuffle_buffer", "augment", "on_bad_image")
+    settings = {k: v for k, v in asdict(cfg).items() if k in keys}
+    return fingerprint({"settings": settings, "dataset": manifest.fingerprint,
+                        "teachers": sorted(targets.teacher_fingerprints.values())})
+
+
+def check_objective(objective: CombinedLoss, targets: TeacherTargets) -> None:
+    """Fail before the first step if a loss needs cache fields or pairing the caches lack."""
+    check_requirements(objective, targets.available, targets.paths)
+    for name, term in objective.terms.items():
+        if term.cross_modal_teacher and not targets.paired:
+            raise CacheError(
+                f"loss {name!r} compares teacher image and text embeddings, but they come from "
+                f"different caches ({targets.sources}); list first a cache of a teacher with both "
+                "modalities (stage `teach`) or drop this loss")
+
+
+def setup(cfg: TrainConfig) -> TrainRun:
+    """Open data and caches, build student, objective and optimizer (deterministic in seed)."""
+    manifest = load_manifest(Path(cfg.dataset) / cfg.split)
+    targets = open_targets(cfg.caches, manifest)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    student = create_student(cfg.student, **cfg.student_kwargs)
+    objective = build_objective(cfg.losses, student.embed_dim, targets.dims)
+    check_objective(objective, targets)
+    student.to(device).train()
+    objective.to(device).train()
+    optimizer = make_optimizer(student, objective, cfg)
+    return TrainRun(cfg, device, manifest, targets, student, objective, optimizer,
+                    total_steps(cfg, targets), run_fingerprint(cfg, manifest, targets))
+
+
+def _teacher_rows(emb: Any, rows: Tensor, device: torch.device) -> Tensor | None:
+    """Gather this batch's teacher targets from a cache array (no grad: plain data)."""
+    if emb is None:
+        return None
+    return torch.from_numpy(emb[rows.numpy()]).to(device)
+
+
+def train_step(run: TrainRun, batch: dict[str, Any]) -> dict[str, float]:
+    """One optimizer step; returns the step's metrics."""
+    lr = lr_at(run.step + 1, run.cfg.lr, run.cfg.warmup_steps, run.total_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    device, student = run.device, run.student
+    pixels = batch["pixels"].to(device, non_blocking=True)
+    tokens = student.tokenize(batch["captions"]).to(device)
+    use_amp = run.cfg.amp and device.type == "cuda"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        image_emb, text_emb = student.encode_image(pixels), student.encode_text(tokens)
+    distill = DistillBatch(
+        image_emb.float(), text_emb.float(), student.logit_scale.exp(),
+        _teacher_rows(run.targets.image_emb, batch["image_rows"], device),
+        _teacher_rows(run.targets.text_emb, batch["text_rows"], device),
+        run.targets.logit_scale, batch["image_rows"].to(device), batch["text_rows"].to(device))
+    total, terms = run.objective(distill)
+    run.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if run.cfg.grad_clip_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in run.optimizer.param_groups for p in g["params"]],
+                                       run.cfg.grad_clip_norm)
+    run.optimizer.step()
+    with torch.no_grad():
+        student.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
+    metrics = {"loss": total.item(), **{f"loss_{k}": v.item() for k, v in terms.items()}}
+    return {**metrics, "lr": lr, "logit_scale": student.logit_scale.exp().item()}
+
+
+def _optimizer_extra(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Optimizer state as checkpoint extras: tensors ``optim/<param>/<name>`` + JSON rest."""
+    state = optimizer.state_dict()
+    extra: dict[str, Any] = {"optim_groups": state["param_groups"]}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, Tensor):
+                extra[f"optim/{idx}/{name}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    extra["optim_scalars"] = scalars
+    return extra
+
+
+def _optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of ``_optimizer_extra``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, slots in meta.get("optim_scalars", {}).items():
+        state.setdefault(int(idx), {}).update(slots)
+    return {"state": state, "param_groups": meta["optim_groups"]}
+
+
+def save_state(run: TrainRun) -> None:
+    """Write the resumable checkpoint atomically (weights, optimizer, step, loader, RNG)."""
+    extra: dict[str, Any] = {f"objective/{k}": v for k, v in run.objective.state_dict().items()}
+    extra.update(_optimizer_extra(run.optimizer))
+    extra["rng/torch"] = torch.get_rng_state()
+    if run.device.type == "cuda":
+        extra["rng/cuda"] = torch.cuda.get_rng_state(run.device)
+    extra.update(step=run.step, loader=asdict(run.loader_state), samples_seen=run.samples_seen,
+                 skipped=run.skipped, skip_events=run.skip_events,
+                 run_fingerprint=run.run_fingerprint)
+    save_checkpoint(run.checkpoint_path, run.student, extra, run.student.spec())
+
+
+def restore_state(run: TrainRun) -> None:
+    """Load ``checkpoints/last.safetensors`` into ``run``; refuse one from other settings."""
+    tensors, meta = read_checkpoint(run.checkpoint_path)
+    if meta.get("run_fingerprint") != run.run_fingerprint:
+        raise PipelineError(
+            f"{run.checkpoint_path}: checkpoint was made with other settings, data or teacher "
+            f"(run fingerprint {meta.get('run_fingerprint')} != {run.run_fingerprint}); "
+            "use another train.out_dir, delete the checkpoint, or set train.resume: false")
+    run.student.load_state_dict({k: v for k, v in tensors.items() if "/" not in k})
+    prefix = "objective/"
+    run.objective.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                   if k.startswith(prefix)})
+    run.optimizer.load_state_dict(_optimizer_state(tensors, meta))
+    torch.set_rng_state(tensors["rng/torch"])
+    if run.device.type == "cuda" and "rng/cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng/cuda"], run.device)
+    run.step, run.loader_state = int(meta["step"]), LoaderState(**meta["loader"])
+    run.samples_seen, run.skipped = int(meta["samples_seen"]), dict(meta["skipped"])
+    run.skip_events = int(meta["skip_events"])
+
+
+class MetricsLog:
+    """``train_log.csv``: one row per logged step; on resume, rows after the checkpoint go."""
+
+    def __init__(self, path: Path, columns: list[str], keep_until: int) -> None:
+        self.path, self.columns = path, columns
+        kept = self._rows_until(keep_until) if keep_until > 0 else []
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=columns)
+        self._writer.writeheader()
+        self._writer.writerows(kept)
+        self._file.flush()
+
+    def _rows_until(self, step: int) -> list[dict[str, str]]:
+        """Rows of a previous run up to ``step`` (a killed run may have logged past its checkpoint)."""
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        return [{c: r.get(c, "") for c in self.columns} for r in rows if int(r["step"]) <= step]
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._writer.writerow({c: row.get(c, "") for c in self.columns})
+        self._file.flush()  # a killed run keeps every row it logged
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def log_columns(objective: CombinedLoss) -> list[str]:
+    """CSV columns: step, epoch, loss, one per loss term, lr, logit_scale, samples_per_s."""
+    terms = [f"loss_{name}" for name in objective.terms]
+    return ["step", "epoch", "loss", *terms, "lr", "logit_scale", "samples_per_s"]
+
+
+def make_dataset(run: TrainRun, epoch: int) -> DistillStream:
+    """The training stream of ``epoch``."""
+    cfg = run.cfg
+    transform = run.student.train_transform(augment=cfg.augment)
+    return DistillStream(run.manifest, run.targets, transform, seed=cfg.seed, epoch=epoch,
+                         shuffle_buffer=cfg.shuffle_buffer, on_bad_image=cfg.on_bad_image)
+
+
+def _record_skips(run: TrainRun, skips: list[SkipEvent]) -> None:
+    run.skip_events += len(skips)
+    for event in skips:
+        run.skipped.setdefault(event.sample_id, event.reason)
+
+
+def _loop(run: TrainRun, log: MetricsLog, advance: Any, stop_after: int | None) -> dict[str, float]:
+    """Train until ``total_steps`` (or ``stop_after``, as if killed there); returns last metrics."""
+    cfg, last, info = run.cfg, {}, ""
+    batches = iter_batches(lambda e: make_dataset(run, e), cfg.batch_size, cfg.num_workers,
+                           run.loader_state)
+    t_log, seen_at_log = time.perf_counter(), run.samples_seen
+    while run.step < run.total_steps and (stop_after is None or run.step < stop_after):
+        items, run.loader_state, skips = next(batches)
+        _record_skips(run, skips)
+        last = train_step(run, collate(items))
+        run.step += 1
+        run.samples_seen += len(items)
+        if run.step % cfg.log_every == 0 or run.step == run.total_steps:
+            now = time.perf_counter()
+            rate = (run.samples_seen - seen_at_log) / max(now - t_log, 1e-9)
+            log.write({"step": run.step, "epoch": run.loader_state.epoch, **last,
+                       "samples_per_s": round(rate, 2)})
+            t_log, seen_at_log = now, run.samples_seen
+            info = f"loss {last['loss']:.4f}  {rate:.0f} samples/s"
+        if run.step % cfg.checkpoint_every == 0 or run.step == run.total_steps:
+            save_state(run)
+        advance(1, info)
+    batches.close()
+    return last
+
+
+def train(cfg: TrainConfig, progress: bool | None = None,
+          stop_after: int | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns the summary also written to ``train_summary.json``.
+
+    progress: rich progress bar; None = only when stderr is a terminal.
+    stop_after: end this invocation after that step without a final checkpoint, as a kill would
+        (for time-boxed jobs and resume tests); the next call resumes from the last checkpoint.
+    """
+    t0 = time.perf_counter()
+    run = setup(cfg)
+    resumed_from = None
+    if cfg.resume and run.checkpoint_path.exists():
+        restore_state(run)
+        resumed_from = run.step
+    log = MetricsLog(run.out / "train_log.csv", log_columns(run.objective), run.step)
+    start = run.step
+    try:
+        with progress_task(f"train {cfg.student}", run.total_steps, progress) as advance:
+            advance(start)
+            last = _loop(run, log, advance, stop_after)
+    finally:
+        log.close()
+    seconds = time.perf_counter() - t0
+    finished = run.step >= run.total_steps
+    if finished:
+        save_checkpoint(run.out / "student.safetensors", run.student, {}, run.student.spec())
+    summary = make_summary(run, last, resumed_from, run.step - start, seconds, finished)
+    (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def make_summary(run: TrainRun, last: dict[str, float], resumed_from: int | None,
+                 steps_this_run: int, seconds: float, finished: bool) -> dict[str, Any]:
+    """The run summary (``train_summary.json``)."""
+    skipped = [{"id": k, "reason": v} for k, v in sorted(run.skipped.items())]
+    return {
+        "student": run.cfg.student, "spec": run.student.spec(), "finished": finished,
+        "steps": run.step, "total_steps": run.total_steps, "resumed_from": resumed_from,
+        "steps_this_run": steps_this_run, "epoch": run.loader_state.epoch,
+        "samples_seen": run.samples_seen, "final_metrics": last,
+        "teacher_forward_calls": TEACHER_FORWARD_CALLS,
+        "skipped_count": len(skipped), "skip_events": run.skip_events, "skipped": skipped[:1000],
+        "tower_parameters": run.student.tower_parameters(), "device": str(run.device),
+        "seconds": round(seconds, 3),
+        "seconds_per_step": round(seconds / steps_this_run, 4) if steps_this_run else None,
+        "dataset_fingerprint": run.manifest.fingerprint,
+        "caches": run.targets.teacher_fingerprints, "run_fingerprint": run.run_fingerprint,
+    }

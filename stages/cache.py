@@ -1,0 +1,58 @@
+"""``distill cache info|verify PATH``: inspect and check a cache store."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from pipeline.errors import PipelineError
+from pipeline.inspect import cache_info, verify_cache
+from stages.common import console, fail, print_json
+
+app = typer.Typer(help="Inspect and verify Zarr cache stores.", no_args_is_help=True)
+PathArg = Annotated[Path, typer.Argument(help="A store, e.g. caches/demo_clip/train.zarr.")]
+
+
+@app.command("info")
+def info(path: PathArg,
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False) -> None:
+    """Arrays, shapes, dtypes, fingerprints, size on disk, valid/invalid row counts."""
+    try:
+        data = cache_info(path)
+    except PipelineError as exc:
+        fail(exc)
+    if as_json:
+        print_json(data)
+        return
+    table = Table(title=str(path))
+    for col in ("array", "shape", "dtype", "shard", "chunk"):
+        table.add_column(col)
+    for name, a in data["arrays"].items():
+        table.add_row(name, str(a["shape"]), a["dtype"], str(a["shards"]), str(a["chunks"]))
+    console.print(table)
+    attrs = data["attrs"]
+    for key in ("schema", "schema_version", "split", "teacher_fingerprint", "dataset_fingerprint",
+                "source_teacher_fingerprint", "logit_scale", "created", "complete"):
+        if key in attrs:
+            console.print(f"{key}: {attrs[key]}", highlight=False)
+    for kind in ("image", "text"):
+        if f"{kind}_rows" in data:
+            console.print(f"{kind} rows: {data[f'{kind}_rows']}", highlight=False)
+    console.print(f"size on disk: {data['bytes_on_disk'] / 2**20:.2f} MiB in {data['files']} files")
+
+
+@app.command("verify")
+def verify(path: PathArg,
+           quick: Annotated[bool, typer.Option(help="Only schema and row status (skip reading every chunk).")] = False) -> None:
+    """Check schema, checksums of every chunk, row status and finiteness; exit 1 on any fault."""
+    report = verify_cache(path, deep=not quick)
+    for fault in report.faults:
+        console.print(f"[red]FAULT[/] {fault}", highlight=False)
+    if report.ok:
+        console.print(f"[green]OK[/] {path}: checked {', '.join(report.checked)}", highlight=False)
+        return
+    console.print(f"[bold red]{len(report.faults)} fault(s)[/] in {path}: rebuild it with "
+                  "`distill teach` (or `dvc repro`), or restore it with `dvc checkout`/`dvc pull`.")
+    raise typer.Exit(code=1)

@@ -1,0 +1,26 @@
+"""``distill neighbors [NAME]``: exact top-k neighbours of teacher NAME's caches."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.config import load_section
+from pipeline.errors import PipelineError
+from pipeline.neighbors import NeighborsConfig, run_neighbors
+from stages.common import ParamsOpt, ProgressOpt, fail, print_json
+
+
+def command(
+    name: Annotated[Optional[str], typer.Argument(
+        help="A key of the `teachers` mapping (default: neighbors.teacher).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    progress: ProgressOpt = True,
+) -> None:
+    """Write <out_root>/NAME/<split>.zarr with *_topk_idx / *_topk_sim (params section `neighbors`)."""
+    try:
+        cfg = load_section(NeighborsConfig, "neighbors", params)
+        print_json(run_neighbors(cfg, name or cfg.teacher, progress))
+    except PipelineError as exc:
+        fail(exc)

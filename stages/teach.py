@@ -1,0 +1,35 @@
+"""``distill teach NAME``: run teacher NAME over the dataset into Zarr caches."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.config import load_params, load_section
+from pipeline.errors import PipelineError
+from pipeline.teach import TeachConfig, TeacherEntry, resolve_device, run_teach
+from stages.common import ParamsOpt, ProgressOpt, console, fail, print_json
+
+
+def command(
+    name: Annotated[str, typer.Argument(help="A key of the `teachers` mapping in params.yaml.")],
+    params: ParamsOpt = Path("params.yaml"),
+    device: Annotated[Optional[str], typer.Option(help="Override teach.device (cpu, cuda, cuda:1).")] = None,
+    progress: ProgressOpt = True,
+) -> None:
+    """Cache one teacher's embeddings for every split (params sections `teach`, `teachers`)."""
+    from pipeline.teachers import create_teacher  # here, so other stages never import teachers
+
+    try:
+        data = load_params(params)
+        cfg = load_section(TeachConfig, "teach", data)
+        entry = load_section(TeacherEntry, f"teachers.{name}", data)
+        teacher = create_teacher(entry.teacher, **entry.kwargs).to(resolve_device(device or cfg.device))
+        summary = run_teach(cfg, name, teacher, progress=progress)
+    except PipelineError as exc:
+        fail(exc)
+    if summary["skipped_count"]:
+        console.print(f"[yellow]{summary['skipped_count']} undecodable image(s) skipped and marked "
+                      f"invalid; ids in {cfg.summary_dir}/{name}.json[/]")
+    print_json({k: v for k, v in summary.items() if k != "skipped"})

@@ -1,0 +1,164 @@
+"""Stage 3 end to end: real shards, a real tiny student checkpoint and a real Zarr teacher cache."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_CLIP_CFG
+from pipeline.cache import TeacherCache
+from pipeline.data.shards import SkipCounter, iter_samples, load_manifest
+from pipeline.evaluate import EvalConfig, evaluate
+from pipeline.students import create_student, load_student, save_checkpoint
+from pipeline.teach import TeachConfig, run_teach
+
+CORRUPT_TEST_SAMPLE = 10_003  # make_dataset numbers test samples from 10000
+KS = (1, 5, 10)
+
+
+def brute_recall(image_emb: np.ndarray, text_emb: np.ndarray, t2i: list[int], k: int
+                 ) -> tuple[float, float]:
+    """(i2t, t2i) Recall@k in percent by sorting every list in float64 (ties: lower index)."""
+    sims = image_emb.astype(np.float64) @ text_emb.astype(np.float64).T
+    i2t_hits = []
+    for i in range(len(image_emb)):
+        order = sorted(range(len(text_emb)), key=lambda j: (-sims[i, j], j))[:k]
+        i2t_hits.append(any(t2i[j] == i for j in order))
+    t2i_hits = []
+    for j in range(len(text_emb)):
+        order = sorted(range(len(image_emb)), key=lambda i: (-sims[i, j], i))[:k]
+        t2i_hits.append(t2i[j] in order)
+    return 100.0 * np.mean(i2t_hits), 100.0 * np.mean(t2i_hits)
+
+
+@pytest.fixture
+def eval_setup(make_dataset, tiny_teacher, tmp_path: Path) -> EvalConfig:
+    """Test split of 12 samples (one undecodable), a tiny student checkpoint, a teacher cache."""
+    root = make_dataset(n_train=1, n_test=12, per_shard=5, corrupt={CORRUPT_TEST_SAMPLE})
+    run_teach(TeachConfig(dataset=str(root), splits=("test",), out_root=str(tmp_path / "caches"),
+                          batch_size=4, rows_per_shard=8, rows_per_chunk=4,
+                          summary_dir=str(tmp_path / "reports/teach")),
+              "tiny", tiny_teacher, progress=False)
+    torch.manual_seed(0)
+    student = create_student("open_clip_tiny", embed_dim=32, image_size=32, patch_size=8,
+                             vision_width=32, vision_layers=1, vision_heads=2, context_length=16,
+                             text_width=32, text_heads=2, text_layers=1)
+    save_checkpoint(tmp_path / "student/student.safetensors", student, {}, student.spec())
+    out = tmp_path / "eval"
+    return EvalConfig(
+        dataset=str(root / "test"), student_dir=str(tmp_path / "student"),
+        teacher_cache=str(tmp_path / "caches/tiny/test.zarr"), teacher="open_clip",
+        teacher_kwargs={"model_cfg": TINY_CLIP_CFG, "pretrained": None}, ks=KS, curve_max_k=12,
+        latency_batch_sizes=(1, 4), latency_warmup=1, latency_repeats=2,
+        metrics_path=str(out / "metrics.json"), plots_dir=str(out / "plots"),
+        report_path=str(out / "report.md"),
+    )
+
+
+def _valid_cache_rows(cache: TeacherCache) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Valid image rows, valid text rows (of valid images) and their remapped text_to_image."""
+    images = np.flatnonzero(cache.image_valid)
+    texts = np.flatnonzero(cache.text_valid & cache.image_valid[cache.text_to_image])
+    position = {int(r): p for p, r in enumerate(images)}
+    return images, texts, [position[int(cache.text_to_image[j])] for j in texts]
+
+
+def _student_embeddings(cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Student embeddings one sample at a time, decodable samples only (an independent path)."""
+    student = load_student(Path(cfg.student_dir))
+    image_emb, text_emb, t2i = [], [], []
+    with torch.inference_mode():
+        for sample in iter_samples(load_manifest(cfg.dataset), handler=SkipCounter()):
+            if sample.image is None:
+                continue
+            image_emb.append(student.encode_image(student.preprocess(sample.image)[None])[0].numpy())
+            for caption in sample.captions:
+                text_emb.append(student.encode_text(student.tokenize([caption]))[0].numpy())
+                t2i.append(len(image_emb) - 1)
+    return np.stack(image_emb), np.stack(text_emb), t2i
+
+
+def test_evaluate_end_to_end(eval_setup: EvalConfig):
+    cfg = eval_setup
+    result = evaluate(cfg, progress=False)
+    written = json.loads(Path(cfg.metrics_path).read_text())
+    assert written == result
+
+    quality = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS] + [
+        "rsum", "i2t_MedR", "t2i_MedR", "i2i_ndcg@10", "t2t_ndcg@10"]
+    for model in ("student", "teacher", "pct_of_teacher"):
+        assert set(quality) <= set(written[model]), model
+    for key in quality:
+        expected = 100 * written["student"][key] / written["teacher"][key]
+        assert written["pct_of_teacher"][key] == pytest.approx(expected)
+    counts = written["counts"]
+    assert (counts["n_images"], counts["n_texts"]) == (11, 22)
+    assert (counts["n_images_excluded"], counts["n_texts_excluded"]) == (1, 2)
+
+    # Teacher recall from the cache arrays, recomputed by brute force.
+    cache = TeacherCache.open(cfg.teacher_cache)
+    images, texts, t2i = _valid_cache_rows(cache)
+    assert not cache.image_valid.all()  # the undecodable sample is marked invalid in the cache
+    for k in KS:
+        want = brute_recall(cache.image_emb[images], cache.text_emb[texts], t2i, k)
+        got = (written["teacher"][f"i2t_R@{k}"], written["teacher"][f"t2i_R@{k}"])
+        assert got == pytest.approx(want)
+    # Student recall from embeddings computed sample by sample.
+    image_emb, text_emb, t2i = _student_embeddings(cfg)
+    for k in KS:
+        want = brute_recall(image_emb, text_emb, t2i, k)
+        assert (written["student"][f"i2t_R@{k}"], written["student"][f"t2i_R@{k}"]) == pytest.approx(want)
+
+    eff = written["efficiency"]
+    for model in ("student", "teacher"):
+        assert eff[model]["params_total"] > 0
+        for key in ("image_ms_per_item_b1", "image_ms_per_item_b4", "text_ms_per_item_b4",
+                    "peak_rss_mb", "baseline_rss_mb"):
+            assert eff[model][key] > 0, (model, key)
+        assert eff[model]["peak_rss_mb"] >= eff[model]["baseline_rss_mb"]
+    assert eff["student"]["params_image"] > 0 and eff["student"]["params_text"] > 0
+    _check_plots(cfg, written)
+    _check_report(cfg)
+
+
+def _check_plots(cfg: EvalConfig, written: dict) -> None:
+    with open(Path(cfg.plots_dir) / "recall_at_k.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * cfg.curve_max_k
+    curve = {(r["model"], r["direction"], int(r["k"])): float(r["recall"]) for r in rows}
+    for model in ("student", "teacher"):
+        for direction in ("i2t", "t2i"):
+            for k in KS:
+                assert curve[model, direction, k] == pytest.approx(
+                    written[model][f"{direction}_R@{k}"], abs=1e-3)
+    with open(Path(cfg.plots_dir) / "recall_at_k_wide.csv", newline="") as f:
+        wide = list(csv.DictReader(f))
+    assert len(wide) == cfg.curve_max_k
+    assert float(wide[0]["teacher_t2i"]) == pytest.approx(curve["teacher", "t2i", 1], abs=1e-3)
+
+
+def _check_report(cfg: EvalConfig) -> None:
+    report = Path(cfg.report_path).read_text()
+    for heading in ("## Retrieval quality", "## Efficiency", "## Qualitative examples",
+                    "## Relevance definitions"):
+        assert heading in report
+    assert "| i2t_R@1 |" in report and "rel = 2 if d is another caption" in report
+    assert report.count("(cos ") == 3 * cfg.n_examples  # top-3 captions for each example image
+    assert "VmHWM" in report
+
+
+def test_student_only_and_unbuildable_teacher(eval_setup: EvalConfig):
+    cfg = replace(eval_setup, teacher_cache=None, teacher="no_such_teacher", teacher_kwargs={},
+                  measure_memory=False, n_examples=1)
+    result = evaluate(cfg, progress=False)
+    assert "teacher" not in result and "pct_of_teacher" not in result
+    assert set(result["efficiency"]) == {"student"}
+    # Without a cache only the undecodable image (and its two captions) is excluded.
+    assert (result["counts"]["n_images_excluded"], result["counts"]["n_texts_excluded"]) == (1, 2)
+    report = Path(cfg.report_path).read_text()
+    assert "could not be constructed" in report and "no_such_teacher" in report

@@ -1,0 +1,191 @@
+"""``prepare`` from folder+CSV, folder+JSONL, COCO(+Karpathy) and the shipped demo shards."""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.data.prepare import SPLITS, PrepareConfig, assign_split, prepare
+from pipeline.data.shards import iter_raw, iter_samples, load_manifest
+from pipeline.errors import ConfigError, PipelineError
+from tests._data_helpers import hash_split, image_array, jpeg_bytes, png_bytes
+
+DEMO = Path(__file__).resolve().parents[1] / "demo" / "emoji"
+
+
+def _read_out(out: Path) -> dict[str, list]:
+    """split -> [(source_id, captions, label, image sha or array)] read back through the reader."""
+    result = {}
+    for split in SPLITS:
+        manifest = load_manifest(out / split, verify=True)
+        result[split] = []
+        for shard in manifest.shards:
+            for key, files in iter_raw(out / split / shard.name):
+                meta = json.loads(files["json"])
+                result[split].append((meta["source_id"], key, tuple(meta["captions"]), meta.get("label")))
+    return result
+
+
+def _assert_hash_split(out_rows: dict[str, list], cfg: PrepareConfig) -> None:
+    for split, rows in out_rows.items():
+        for source_id, *_ in rows:
+            assert hash_split(source_id, cfg.salt, cfg.test_percent, cfg.val_percent) == split
+
+
+def _folder(tmp_path: Path, n: int = 12) -> tuple[Path, list[str]]:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    names = []
+    for i in range(n):
+        name = f"sub/img.v{i}.png" if i % 4 == 0 else f"im_{i}.jpg"  # dots must not leak into keys
+        (src / name).write_bytes(png_bytes(i) if name.endswith(".png") else jpeg_bytes(i))
+        names.append(name)
+    return src, names
+
+
+def test_folder_csv(tmp_path: Path) -> None:
+    src, names = _folder(tmp_path)
+    lines = ["file,caption,label"] + [f"{n},first {i},L{i % 3}" for i, n in enumerate(names)]
+    lines += [f'{names[1]},"second, with comma",L1']
+    (src / "captions.csv").write_text("\n".join(lines) + "\n")
+    cfg = PrepareConfig(source="folder", src=str(src), out=str(tmp_path / "out"), shard_size=4,
+                        test_percent=25, val_percent=25, salt="s")
+    summary = prepare(cfg)
+    rows = _read_out(tmp_path / "out")
+    _assert_hash_split(rows, cfg)
+    flat = {r[0]: r for split in rows.values() for r in split}
+    assert sorted(flat) == sorted(names)
+    assert flat[names[1]][2] == ("first 1", "second, with comma") and flat[names[1]][3] == "L1"
+    keys = [r[1] for r in flat.values()]
+    assert len(set(keys)) == len(keys) and not any("." in k for k in keys)
+    assert summary["n_images"] == len(names)
+    assert sum(s["n_texts"] for s in summary["splits"].values()) == len(names) + 1
+    for split in SPLITS:
+        assert summary["splits"][split]["fingerprint"] == load_manifest(tmp_path / "out" / split).fingerprint
+    # images are copied byte for byte and decode to the original pixels
+    sample = next(s for s in iter_samples(load_manifest(tmp_path / "out" / "train")) if s.key.startswith("sub"))
+    idx = int(sample.key.split("_v")[-1])
+    np.testing.assert_array_equal(np.asarray(sample.image), image_array(idx))
+
+
+def test_folder_jsonl_and_pipe_csv(tmp_path: Path) -> None:
+    src, names = _folder(tmp_path, n=6)
+    lines = [json.dumps({"file": n, "captions": [f"a {i}", f"b {i}"], "label": "x"}) for i, n in enumerate(names)]
+    (tmp_path / "caps.jsonl").write_text("\n".join(lines) + "\n\n")
+    cfg = PrepareConfig(source="folder", src=str(src), out=str(tmp_path / "out"),
+                        captions_file=str(tmp_path / "caps.jsonl"), test_percent=30, val_percent=30)
+    prepare(cfg)
+    rows = _read_out(tmp_path / "out")
+    _assert_hash_split(rows, cfg)
+    assert sorted(r[0] for split in rows.values() for r in split) == sorted(names)
+    assert all(r[2] == (f"a {names.index(r[0])}", f"b {names.index(r[0])}") for s in rows.values() for r in s)
+    (tmp_path / "caps.csv").write_text("file,captions\n" + "".join(f"{n},x {i}|y {i}| \n" for i, n in enumerate(names)))
+    prepare(PrepareConfig(source="folder", src=str(src), out=str(tmp_path / "out"),
+                          captions_file=str(tmp_path / "caps.csv")))
+    rows = _read_out(tmp_path / "out")
+    assert all(r[2] == (f"x {names.index(r[0])}", f"y {names.index(r[0])}") for s in rows.values() for r in s)
+
+
+def test_folder_errors_name_file_and_line(tmp_path: Path) -> None:
+    src, names = _folder(tmp_path, n=2)
+    out = str(tmp_path / "out")
+    (src / "captions.csv").write_text(f"file,caption\n{names[0]},ok\nmissing.png,hello\n")
+    with pytest.raises(PipelineError, match=r"captions\.csv:3: image file .*missing\.png not found"):
+        prepare(PrepareConfig(source="folder", src=str(src), out=out))
+    (src / "captions.csv").write_text(f"file,caption\n{names[0]},\n")
+    with pytest.raises(PipelineError, match=r"captions\.csv:2: empty"):
+        prepare(PrepareConfig(source="folder", src=str(src), out=out))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"file": names[0], "caption": "x"}) + "\n{broken\n")
+    with pytest.raises(PipelineError, match=r"c\.jsonl:2: invalid JSON"):
+        prepare(PrepareConfig(source="folder", src=str(src), out=out, captions_file=str(tmp_path / "c.jsonl")))
+    with pytest.raises(ConfigError, match="test_percent"):
+        prepare(PrepareConfig(test_percent=90, val_percent=20))
+    assert not (tmp_path / "out").exists()
+
+
+def _coco(tmp_path: Path) -> tuple[Path, dict, dict]:
+    src = tmp_path / "coco"
+    (src / "val2014").mkdir(parents=True)
+    images, anns, kimages = [], [], []
+    splits = ["train", "restval", "val", "test"]
+    for i in range(8):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        (src / "val2014" / name).write_bytes(jpeg_bytes(i))
+        images.append({"id": 100 + i, "file_name": name})
+        anns += [{"id": 2 * i, "image_id": 100 + i, "caption": f"cap {i} a"},
+                 {"id": 2 * i + 1, "image_id": 100 + i, "caption": f"cap {i} b"}]
+        kimages.append({"filepath": "val2014", "filename": name, "cocoid": 100 + i, "split": splits[i % 4],
+                        "sentences": [{"raw": f"k {i}", "tokens": ["k"]}]})
+    return src, {"images": images, "annotations": anns}, {"images": kimages, "dataset": "coco"}
+
+
+def test_coco_with_karpathy_split(tmp_path: Path) -> None:
+    src, coco, karpathy = _coco(tmp_path)
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
+    cfg = PrepareConfig(source="coco", src=str(src), out=str(tmp_path / "out"), shard_size=3,
+                        annotations_file=str(tmp_path / "ann.json"), split_file=str(tmp_path / "dataset_coco.json"))
+    summary = prepare(cfg)
+    rows = _read_out(tmp_path / "out")
+    expected = {k["filename"]: {"restval": "train"}.get(k["split"], k["split"]) for k in karpathy["images"]}
+    assert {r[0]: split for split, rs in rows.items() for r in rs} == expected
+    assert {split: s["n_images"] for split, s in summary["splits"].items()} == {"train": 4, "val": 2, "test": 2}
+    first = next(r for r in rows["train"] if r[0].endswith("0000.jpg"))
+    assert first[2] == ("cap 0 a", "cap 0 b")  # captions from the annotations file
+    # Karpathy file alone: its sentences become the captions
+    prepare(PrepareConfig(source="coco", src=str(src), out=str(tmp_path / "out2"),
+                          split_file=str(tmp_path / "dataset_coco.json")))
+    assert next(r for r in _read_out(tmp_path / "out2")["test"])[2][0].startswith("k ")
+
+
+def test_coco_hash_split_without_split_file(tmp_path: Path) -> None:
+    src, coco, _ = _coco(tmp_path)
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    cfg = PrepareConfig(source="coco", src=str(src), out=str(tmp_path / "out"),
+                        annotations_file=str(tmp_path / "ann.json"), test_percent=40, val_percent=20)
+    prepare(cfg)
+    _assert_hash_split(_read_out(tmp_path / "out"), cfg)
+
+
+def test_demo_split_matches_hash_rule(tmp_path: Path) -> None:
+    source = {}
+    for shard in load_manifest(DEMO, verify=True).shards:
+        for key, files in iter_raw(DEMO / shard.name):
+            source[key] = files
+    out = tmp_path / "emoji"
+    cfg = PrepareConfig(source="demo", src=str(DEMO), out=str(out), shard_size=700)
+    summary = prepare(cfg)
+    expected = Counter(hash_split(k, cfg.salt, cfg.test_percent, cfg.val_percent) for k in source)
+    assert {s: summary["splits"][s]["n_images"] for s in SPLITS} == {s: expected[s] for s in SPLITS}
+    seen: Counter = Counter()
+    for split in SPLITS:
+        for shard in load_manifest(out / split).shards:
+            for key, files in iter_raw(out / split / shard.name):
+                seen[key] += 1
+                assert files["png"] == source[key]["png"]
+                assert hash_split(key, cfg.salt, cfg.test_percent, cfg.val_percent) == split
+    assert set(seen) == set(source) and set(seen.values()) == {1}
+    assert len(source) == 1911 and assign_split("1f600", cfg) == hash_split("1f600", cfg.salt, 10, 10)
+
+
+def test_output_replaced_atomically(tmp_path: Path) -> None:
+    src, names = _folder(tmp_path, n=4)
+    (src / "captions.csv").write_text("file,caption\n" + "".join(f"{n},c{i}\n" for i, n in enumerate(names)))
+    out = tmp_path / "data" / "ds"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "stale-000009.tar").write_bytes(b"old")
+    prepare(PrepareConfig(source="folder", src=str(src), out=str(out)))
+    assert sorted(os.listdir(tmp_path / "data")) == ["ds"]  # no temporary or old siblings left
+    assert not (out / "train" / "stale-000009.tar").exists()
+    assert sorted(os.listdir(out)) == list(sorted(SPLITS))
+    # a run failing half-way through writing leaves the previous output untouched
+    (src / "z.gif").write_bytes(b"GIF89a")
+    (src / "captions.csv").write_text(f"file,caption\n{names[0]},c\nz.gif,c\n")
+    with pytest.raises(PipelineError, match=r"z\.gif: unsupported image type"):
+        prepare(PrepareConfig(source="folder", src=str(src), out=str(out)))
+    assert sum(load_manifest(out / s).n_images for s in SPLITS) == 4
+    assert sorted(os.listdir(tmp_path / "data")) == ["ds"]

@@ -1,0 +1,105 @@
+"""blocked_topk against a brute-force float64 full-matrix sort."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.topk import blocked_topk
+
+
+def brute_topk(queries, keys, k, key_valid=None, exclude_self=False):
+    """Full float64 similarity matrix, per-row sort by (-sim, index), excluded pairs dropped."""
+    sims = queries.astype(np.float64) @ keys.astype(np.float64).T
+    allowed = np.ones(sims.shape, dtype=bool)
+    if key_valid is not None:
+        allowed[:, ~key_valid] = False
+    if exclude_self:
+        np.fill_diagonal(allowed, False)
+    idx = np.full((len(queries), k), -1, dtype=np.int64)
+    sim = np.full((len(queries), k), -np.inf)
+    for i in range(len(queries)):
+        order = [j for j in np.lexsort((np.arange(len(keys)), -sims[i])) if allowed[i, j]][:k]
+        idx[i, :len(order)] = order
+        sim[i, :len(order)] = sims[i, order]
+    return idx, sim
+
+
+@pytest.fixture(scope="module")
+def gaussian():
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((203, 24)).astype(np.float32), rng.standard_normal((157, 24)).astype(np.float32)
+
+
+@pytest.mark.parametrize("block_rows,block_keys", [(4096, 4096), (7, 3), (50, 64), (1, 157), (203, 1)])
+def test_matches_brute_force(gaussian, block_rows, block_keys):
+    queries, keys = gaussian
+    idx, sim = blocked_topk(queries, keys, 10, block_rows=block_rows, block_keys=block_keys)
+    ref_idx, ref_sim = brute_topk(queries, keys, 10)
+    assert idx.dtype == np.int32 and sim.dtype == np.float32 and idx.shape == (203, 10)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(sim, ref_sim, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_rows,block_keys", [(4096, 4096), (13, 17), (5, 2)])
+def test_ties_broken_by_lower_index(block_rows, block_keys):
+    # small integers: float32 dot products are exact and ties are everywhere
+    rng = np.random.default_rng(1)
+    x = rng.integers(-2, 3, size=(120, 4)).astype(np.float32)
+    x[60:70] = x[0]  # exact duplicates
+    idx, sim = blocked_topk(x, x, 15, block_rows=block_rows, block_keys=block_keys)
+    ref_idx, ref_sim = brute_topk(x, x, 15)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_array_equal(sim, ref_sim.astype(np.float32))
+
+
+def test_negative_zero_ties_with_positive_zero():
+    queries = np.array([[1.0, 0.0]], dtype=np.float32)
+    keys = np.array([[0.0, 1.0], [-0.0, 1.0], [0.0, -1.0]], dtype=np.float32)  # all sims are 0
+    idx, _ = blocked_topk(queries, keys, 3, block_keys=1)
+    np.testing.assert_array_equal(idx, [[0, 1, 2]])
+
+
+@pytest.mark.parametrize("block_keys", [4096, 9])
+def test_invalid_keys_and_exclude_self(block_keys):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((90, 8)).astype(np.float32)
+    valid = rng.random(90) > 0.4
+    idx, sim = blocked_topk(x, x, 12, block_rows=11, block_keys=block_keys,
+                            key_valid=valid, exclude_self=True)
+    ref_idx, ref_sim = brute_topk(x, x, 12, key_valid=valid, exclude_self=True)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(sim, ref_sim, atol=1e-5)
+    assert not np.any(idx == np.arange(90)[:, None])
+    assert valid[idx[idx >= 0]].all()
+
+
+@pytest.mark.parametrize("block_keys", [4096, 2])
+def test_padding_when_fewer_candidates_than_k(block_keys):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    valid = np.array([True, False, True, True, False, True])
+    idx, sim = blocked_topk(x, x, 8, key_valid=valid, exclude_self=True, block_keys=block_keys)
+    ref_idx, ref_sim = brute_topk(x, x, 8, key_valid=valid, exclude_self=True)
+    np.testing.assert_array_equal(idx, ref_idx)
+    assert (idx[:, 4:] == -1).all() and np.isneginf(sim[:, 4:]).all()  # at most 4 valid keys
+    assert (idx[valid, 3:] == -1).all()  # valid rows lose themselves too
+    np.testing.assert_allclose(sim[idx >= 0], ref_sim[idx >= 0], atol=1e-5)
+
+
+def test_no_keys_all_padding():
+    idx, sim = blocked_topk(np.ones((3, 4), np.float32), np.zeros((0, 4), np.float32), 2)
+    assert (idx == -1).all() and np.isneginf(sim).all()
+
+
+def test_float16_input_and_bad_arguments():
+    x = np.random.default_rng(4).standard_normal((10, 3)).astype(np.float16)
+    idx, _ = blocked_topk(x, x, 3)
+    np.testing.assert_array_equal(idx, brute_topk(x.astype(np.float32), x.astype(np.float32), 3)[0])
+    with pytest.raises(ValueError, match="k must be"):
+        blocked_topk(x, x, 0)
+    with pytest.raises(ValueError, match="exclude_self"):
+        blocked_topk(x[:5], x, 2, exclude_self=True)
+    with pytest.raises(ValueError, match="NaN"):
+        blocked_topk(np.full((2, 3), np.nan, np.float32), x, 2)
+    with pytest.raises(ValueError, match="key_valid"):
+        blocked_topk(x, x, 2, key_valid=np.ones(3, bool))

@@ -1,0 +1,243 @@
+"""Training stage: loader joins, end-to-end runs on tiny shards + a cache built from arrays."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipeline.cache import ROW_INVALID, ROW_VALID, base_attrs, create_teacher_store, write_unit
+from pipeline.data.shards import iter_samples, load_manifest, write_manifest, write_shards
+from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError
+from pipeline.fingerprint import fingerprint
+from pipeline.loader import DistillStream, LoaderState, TrainItem, iter_batches, open_targets
+from pipeline.losses import LossTerm
+from pipeline.students import load_student
+from pipeline.train import TrainConfig, lr_at, train
+
+REPO = Path(__file__).resolve().parent.parent
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
+PER_COLOR = 8
+BROKEN_KEY = "broken"
+TEACHER_DIM = 8
+TINY_STUDENT = {"embed_dim": 32, "image_size": 32, "patch_size": 8, "vision_width": 64,
+                "vision_layers": 1, "vision_heads": 2, "context_length": 16, "text_width": 64,
+                "text_heads": 2, "text_layers": 1}
+
+
+def _png(rgb: tuple[int, int, int], seed: int) -> bytes:
+    noise = np.random.default_rng(seed).integers(-20, 20, (24, 24, 3))
+    pixels = np.clip(np.array(rgb)[None, None, :] + noise, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _samples() -> list[dict]:
+    samples = []
+    for i in range(PER_COLOR):
+        for name, rgb in COLORS.items():
+            samples.append({"__key__": f"{name}{i}", "png": _png(rgb, len(samples)),
+                            "json": {"captions": [f"a {name} square", name], "label": name}})
+    # An undecodable image: the teacher marked its row invalid; training must skip it.
+    samples.insert(5, {"__key__": BROKEN_KEY, "png": b"not a png at all",
+                       "json": {"captions": ["a broken picture"]}})
+    return samples
+
+
+def write_cache(path: Path, manifest, modalities=("image", "text"), dataset_fp: str | None = None,
+                logit_scale: float = 30.0) -> Path:
+    """A complete teacher cache whose embeddings are a one-hot code of each sample's colour."""
+    rows = list(iter_samples(manifest, decode_images=False))
+    names = list(COLORS)
+
+    def code(label):
+        vec = np.zeros(TEACHER_DIM, np.float32)
+        vec[names.index(label) if label in names else len(names)] = 1.0
+        return vec
+    image_emb = np.stack([code(s.label) for s in rows])
+    text_rows = [(i, f"{s.sample_id}#{c}", s.label) for i, s in enumerate(rows) for c in range(len(s.captions))]
+    status = np.array([ROW_INVALID if s.key == BROKEN_KEY else ROW_VALID for s in rows], np.uint8)
+    attrs = base_attrs("vlm-distill/teacher-cache")
+    attrs.update(teacher={"teacher": "toy"}, teacher_fingerprint=fingerprint({"teacher": "toy"}),
+                 dataset_fingerprint=dataset_fp or manifest.fingerprint, split="train",
+                 modalities=list(modalities), embed_dim=TEACHER_DIM, logit_scale=logit_scale,
+                 n_images=len(rows), n_texts=len(text_rows), rows_per_shard=1024, skipped=[])
+    group = create_teacher_store(path, n_images=len(rows), n_texts=len(text_rows),
+                                 embed_dim=TEACHER_DIM, modalities=frozenset(modalities), attrs=attrs)
+    image_arrays = {"image_id": np.array([s.sample_id for s in rows]), "image_status": status}
+    text_arrays = {"text_id": np.array([t[1] for t in text_rows]),
+                   "text_to_image": np.array([t[0] for t in text_rows], np.int32),
+                   "text_status": np.full(len(text_rows), ROW_VALID, np.uint8)}
+    if "image" in modalities:
+        image_arrays["image_emb"] = image_emb.astype(np.float16)
+    if "text" in modalities:
+        text_arrays["text_emb"] = np.stack([code(t[2]) for t in text_rows]).astype(np.float16)
+    write_unit(group, 0, len(rows), image_arrays)
+    write_unit(group, 0, len(text_rows), text_arrays)
+    group.attrs.update({**attrs, "complete": True})
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("toy")
+    write_shards(_samples(), root / "data" / "train", "train", max_samples_per_shard=12)
+    manifest = write_manifest(root / "data" / "train")
+    return {"root": root, "dataset": root / "data",
+            "cache": write_cache(root / "caches" / "train.zarr", manifest),
+            "vision_cache": write_cache(root / "caches" / "vision.zarr", manifest, ("image",)),
+            "other": write_cache(root / "caches" / "other.zarr", manifest,
+                                 dataset_fp="sha256:" + "0" * 64)}
+
+
+def _cfg(toy, out: Path, **overrides) -> TrainConfig:
+    base = dict(student_kwargs=TINY_STUDENT, dataset=str(toy["dataset"]), caches=(str(toy["cache"]),),
+                out_dir=str(out), batch_size=8, steps=8, lr=2e-3, warmup_steps=2, log_every=1,
+                checkpoint_every=3, shuffle_buffer=16, device="cpu",
+                losses=(LossTerm("contrastive"), LossTerm("feature", 1.0, {"metric": "cosine"}),
+                        LossTerm("similarity_kl", 0.5)))
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def _stream(toy, epoch: int, seed: int = 0) -> DistillStream:
+    manifest = load_manifest(toy["dataset"] / "train")
+    targets = open_targets([str(toy["cache"])], manifest)
+    from pipeline.students import TrainAugment
+    return DistillStream(manifest, targets, TrainAugment(32), seed=seed, epoch=epoch,
+                         shuffle_buffer=16, on_bad_image="skip")
+
+
+def test_stream_joins_rows_by_id_and_skips_invalid(toy):
+    manifest = load_manifest(toy["dataset"] / "train")
+    targets = open_targets([str(toy["cache"])], manifest)
+    elements = list(_stream(toy, epoch=0))
+    items = [e for e in elements if isinstance(e, TrainItem)]
+    skips = [e for e in elements if not isinstance(e, TrainItem)]
+    assert [s.sample_id.split("/")[1] for s in skips] == [BROKEN_KEY]
+    assert sorted(it.image_row for it in items) == sorted(
+        i for i, ok in enumerate(targets.image_valid) if ok)
+    for it in items:
+        assert targets.image_rows[it.sample_id] == it.image_row
+        assert targets.text_to_image[it.text_row] == it.image_row
+        assert it.caption.split()[-2 if " " in it.caption else 0] in it.sample_id
+        assert it.pixels.shape == (3, 32, 32)
+    order0 = [it.sample_id for it in items]
+    assert order0 != [it.sample_id for it in _stream(toy, epoch=1) if isinstance(it, TrainItem)]
+    assert order0 == [it.sample_id for it in _stream(toy, epoch=0) if isinstance(it, TrainItem)]
+
+
+def test_batches_resume_from_position_and_workers_agree(toy):
+    make = lambda e: _stream(toy, e)  # noqa: E731
+    ids = lambda b: [it.sample_id for it in b[0]]  # noqa: E731
+    straight = iter_batches(make, 8, 0, LoaderState())
+    first = [next(straight) for _ in range(6)]
+    assert first[3][1].epoch == 0 and first[4][1].epoch == 1  # 32 usable = 4 batches per epoch
+    resumed = iter_batches(make, 8, 0, first[1][1])
+    assert [ids(next(resumed)) for _ in range(4)] == [ids(b) for b in first[2:6]]
+    # Two workers split the shards, so the order differs from one process, but resumes exactly.
+    workers = iter_batches(make, 8, 2, LoaderState())
+    first_w = [next(workers) for _ in range(3)]
+    resumed_w = iter_batches(make, 8, 2, first_w[0][1])
+    assert [ids(next(resumed_w)) for _ in range(2)] == [ids(b) for b in first_w[1:3]]
+    for gen in (straight, resumed, workers, resumed_w):
+        gen.close()
+
+
+def test_lr_schedule():
+    assert lr_at(1, 1.0, 4, 10) == pytest.approx(0.25)
+    assert lr_at(4, 1.0, 4, 10) == pytest.approx(1.0)
+    assert lr_at(10, 1.0, 4, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def _log(out: Path) -> list[dict[str, str]]:
+    with (out / "train_log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_end_to_end_loss_decreases(toy, tmp_path):
+    out = tmp_path / "run"
+    summary = train(_cfg(toy, out, steps=30, checkpoint_every=100, augment=False), progress=False)
+    rows = _log(out)
+    assert list(rows[0]) == ["step", "epoch", "loss", "loss_contrastive", "loss_feature",
+                             "loss_similarity_kl", "lr", "logit_scale", "samples_per_s"]
+    assert [int(r["step"]) for r in rows] == list(range(1, 31))
+    losses = [float(r["loss"]) for r in rows]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    assert summary["teacher_forward_calls"] == 0 and summary["finished"]
+    assert summary["skipped_count"] == 1 and summary["skip_events"] >= 1
+    assert summary["steps"] == 30 and summary["samples_seen"] == 240
+    saved = json.loads((out / "train_summary.json").read_text())
+    assert saved["steps"] == 30
+    student = load_student(out)
+    final = load_file(str(out / "checkpoints" / "last.safetensors"))
+    for key, value in student.state_dict().items():
+        assert torch.equal(value, final[key])
+
+
+def test_resume_matches_straight_run(toy, tmp_path):
+    straight = train(_cfg(toy, tmp_path / "a"), progress=False)
+    partial = train(_cfg(toy, tmp_path / "b"), progress=False, stop_after=5)
+    assert not partial["finished"] and not (tmp_path / "b" / "student.safetensors").exists()
+    resumed = train(_cfg(toy, tmp_path / "b"), progress=False)
+    assert resumed["resumed_from"] == 3 and resumed["steps_this_run"] == 5  # last checkpoint: 3
+    assert straight["steps"] == resumed["steps"] == 8
+    a = load_file(str(tmp_path / "a" / "student.safetensors"))
+    b = load_file(str(tmp_path / "b" / "student.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a, log_b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["step"] for r in log_b] == [str(s) for s in range(1, 9)]
+    assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
+    assert resumed["skipped_count"] == straight["skipped_count"] == 1
+
+
+def test_resume_refuses_other_settings(toy, tmp_path):
+    train(_cfg(toy, tmp_path, steps=3), progress=False)
+    with pytest.raises(PipelineError, match="other settings"):
+        train(_cfg(toy, tmp_path, steps=3, lr=1e-2), progress=False)
+
+
+def test_refuses_cache_of_other_dataset(toy, tmp_path):
+    manifest = load_manifest(toy["dataset"] / "train")
+    with pytest.raises(FingerprintMismatchError) as info:
+        train(_cfg(toy, tmp_path, caches=(str(toy["other"]),)), progress=False)
+    assert manifest.fingerprint in str(info.value) and "sha256:" + "0" * 64 in str(info.value)
+
+
+def test_missing_cache_field_fails_before_first_step(toy, tmp_path):
+    cfg = _cfg(toy, tmp_path, caches=(str(toy["vision_cache"]),))
+    with pytest.raises(CacheError, match=r"'text_emb'.*stage `teach`"):
+        train(cfg, progress=False)
+    assert not (tmp_path / "train_log.csv").exists()
+    losses = (LossTerm("contrastive"), LossTerm("feature", 1.0, {"modalities": ["image"]}))
+    summary = train(dataclasses.replace(cfg, losses=losses, steps=2), progress=False)
+    assert summary["finished"]
+
+
+def test_no_teacher_is_imported(toy, tmp_path):
+    """A training run in a fresh interpreter never loads the teacher package."""
+    cfg = _cfg(toy, tmp_path, steps=2)
+    script = (
+        "import json, sys\n"
+        "from pipeline.config import from_dict\n"
+        "from pipeline.train import TrainConfig, train\n"
+        f"cfg = from_dict(TrainConfig, json.loads({json.dumps(json.dumps(dataclasses.asdict(cfg)))}))\n"
+        "summary = train(cfg, progress=False)\n"
+        "assert summary['teacher_forward_calls'] == 0\n"
+        "assert not any(m.startswith('pipeline.teach') for m in sys.modules), sorted(sys.modules)\n"
+        "print('ok', summary['steps'])\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", "2"]
