@@ -35,9 +35,19 @@ from pipeline.progress import progress_task
 from pipeline.students import Student, load_student
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-MEMORY_METHOD = ("peak resident set size (getrusage ru_maxrss) of a fresh subprocess that loads "
-                 "the model and encodes one batch of images and one of texts; `baseline` is the "
-                 "same process right after importing torch, before the model is built")
+MEMORY_METHOD = ("peak resident set size (VmHWM, the kernel's RSS high-water mark) of a fresh Python "
+                 "process that builds the model and encodes one batch of images and one of texts; "
+                 "`baseline` is that process right after `import torch`, `loaded` after importing "
+                 "the model's libraries and building it")
+# The probe process: baseline right after `import torch`, before the pipeline (and open_clip,
+# transformers, zarr...) is imported, so `loaded - baseline` includes the model's libraries.
+_PROBE_MAIN = (
+    "import json, sys, torch\n"
+    "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')]\n"
+    "baseline = int(hwm[0].split()[1]) / 1024.0 if hwm else None\n"
+    "from pipeline.evaluate import memory_probe\n"
+    "print(json.dumps(memory_probe(json.loads(sys.argv[1]), baseline)))\n"
+)
 
 
 @dataclass(frozen=True)
@@ -46,8 +56,8 @@ class EvalConfig:
 
     dataset: str = "data/emoji/test"             # dataset directory of the test split
     student_dir: str = "models/student"          # holds student.json + student.safetensors
-    teacher_cache: str | None = "caches/demo_clip/test.zarr"  # teacher's cache of the same split; null = student only
-    teacher: str | None = "demo_clip"            # registry name for efficiency; null = skip teacher efficiency
+    teacher_cache: str | None = "caches/demo_clip/test.zarr"  # same split; null = student only
+    teacher: str | None = "demo_clip"            # registry name for efficiency; null = skip it
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_teacher
     ks: tuple[int, ...] = (1, 5, 10)             # Recall@K cut-offs (RSUM sums them over both directions)
     curve_max_k: int = 50                        # Recall@K curve for K = 1..curve_max_k
@@ -99,6 +109,16 @@ def _encode_texts(student: Student, texts: list[str], device: str) -> np.ndarray
     return student.encode_text(student.tokenize(texts).to(device)).float().cpu().numpy()
 
 
+def _encode_captions(student: Student, captions: list[str], batch_size: int, device: str,
+                     advance: Callable[[int], None]) -> np.ndarray:
+    text_emb = np.zeros((len(captions), student.embed_dim), dtype=np.float32)
+    for start in range(0, len(captions), batch_size):
+        stop = min(start + batch_size, len(captions))
+        text_emb[start:stop] = _encode_texts(student, captions[start:stop], device)
+        advance(stop - start)
+    return text_emb
+
+
 def encode_split(student: Student, manifest: Manifest, batch_size: int, device: str,
                  progress: bool | None = None, keep_images: int = 0) -> EncodedSplit:
     """Encode every image and caption of a split; undecodable images are kept as zero rows.
@@ -112,7 +132,8 @@ def encode_split(student: Student, manifest: Manifest, batch_size: int, device: 
     total = manifest.n_images + manifest.n_texts
 
     def flush() -> None:
-        emb_parts.append(([i for i, _ in pending], _encode_images(student, [im for _, im in pending], device)))
+        rows, images = [i for i, _ in pending], [im for _, im in pending]
+        emb_parts.append((rows, _encode_images(student, images, device)))
         pending.clear()
 
     with torch.inference_mode(), progress_task("evaluate: encode", total, progress) as advance:
@@ -131,10 +152,7 @@ def encode_split(student: Student, manifest: Manifest, batch_size: int, device: 
             advance(1)
         if pending:
             flush()
-        text_emb = np.zeros((len(captions), student.embed_dim), dtype=np.float32)
-        for start in range(0, len(captions), batch_size):
-            text_emb[start:start + batch_size] = _encode_texts(student, captions[start:start + batch_size], device)
-            advance(min(batch_size, len(captions) - start))
+        text_emb = _encode_captions(student, captions, batch_size, device, advance)
     image_emb = np.zeros((len(ids), student.embed_dim), dtype=np.float32)
     for rows, emb in emb_parts:
         image_emb[rows] = emb
@@ -326,8 +344,10 @@ class _ParameterUse(TorchFunctionMode):
                 self._visit(item)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        self._visit(args)
-        self._visit(kwargs or {})
+        # Attribute reads (``p.device``, ``p.dtype``) go through ``__get__`` and touch no weights.
+        if getattr(func, "__name__", "") != "__get__":
+            self._visit(args)
+            self._visit(kwargs or {})
         return func(*args, **(kwargs or {}))
 
 
@@ -400,10 +420,10 @@ def _probe_encoders(spec: dict[str, Any], device: str):
             teacher.encode_texts if "text" in teacher.modalities else noop)
 
 
-def memory_probe(spec: dict[str, Any]) -> dict[str, float]:
-    """Run inside the subprocess: build one model, encode one batch of each modality."""
+def memory_probe(spec: dict[str, Any], baseline_mb: float | None = None) -> dict[str, float]:
+    """Run inside the probe process: build one model, encode one batch of each modality."""
     device = spec["device"]
-    out = {"baseline_rss_mb": _peak_rss_mb()}
+    out = {"baseline_rss_mb": _peak_rss_mb() if baseline_mb is None else baseline_mb}
     preprocess, encode_images, encode_texts = _probe_encoders(spec, device)
     out["loaded_rss_mb"] = _peak_rss_mb()
     bs = int(spec["batch_size"])
@@ -422,7 +442,7 @@ def measure_peak_memory(spec: dict[str, Any], timeout_s: float = 900) -> dict[st
     """Peak memory of encoding with one model, measured in a fresh Python process."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--memory-probe", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-c", _PROBE_MAIN, json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe for {spec['kind']} failed: {proc.stderr.strip()[-2000:]}")
@@ -567,8 +587,9 @@ def write_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any], examples:
         f"Device `{device}`, {torch.get_num_threads()} torch threads, one process. Latency = median of "
         f"{cfg.latency_repeats} timed calls after {cfg.latency_warmup} warm-up calls under "
         "`torch.inference_mode()`; images from preprocessed pixels, texts from strings "
-        f"(tokenisation included). Memory: {MEMORY_METHOD}; read from `VmHWM` in "
-        "/proc/self/status, since `ru_maxrss` of a forked child also counts its parent's peak.", "",
+        f"(tokenisation included). Memory: {MEMORY_METHOD}. `VmHWM` is read from "
+        "/proc/self/status rather than `getrusage().ru_maxrss`, which in a child started by "
+        "fork/vfork + exec also counts the parent's peak.", "",
         "## Qualitative examples (student)", "", *_examples_section(examples),
         "## Relevance definitions", "", M.NDCG_DEFINITION, "",
     ]
@@ -652,10 +673,3 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None) -> dict[str, Any]:
     write_report(Path(cfg.report_path), cfg, metrics, examples, notes, device)
     return metrics
 
-
-if __name__ == "__main__":
-    # Child side of measure_peak_memory: one JSON line with the probe's numbers on stdout.
-    if len(sys.argv) == 3 and sys.argv[1] == "--memory-probe":
-        print(json.dumps(memory_probe(json.loads(sys.argv[2]))))
-    else:
-        sys.exit("usage: python -m pipeline.evaluate --memory-probe '<json spec>'")

