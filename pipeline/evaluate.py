@@ -64,8 +64,8 @@ class EvalConfig:
     ndcg_k: int = 10                             # single-modal NDCG cut-off
     encode_batch_size: int = 64                  # images (and texts) per student forward when encoding
     latency_batch_sizes: tuple[int, ...] = (1, 64)  # batch sizes timed for the efficiency table
-    latency_warmup: int = 3                      # untimed calls before timing (allocator, caches)
-    latency_repeats: int = 10                    # timed calls; the median is reported
+    latency_warmup: int = 2                      # untimed calls before timing (allocator, caches)
+    latency_repeats: int = 5                     # timed calls; the median is reported
     measure_memory: bool = True                  # peak memory via a subprocess per model
     device: str = "cpu"                          # "cpu", "cuda" or "auto"
     block_rows: int = 1024                       # query rows per similarity tile (bounds memory)

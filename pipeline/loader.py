@@ -4,7 +4,8 @@ Samples are matched to cache rows by their stable ids (``shard/key`` for images,
 ``shard/key#c`` for captions), never by position, so a reordered stream still meets the right
 teacher targets. Every random choice (shard order, shuffle buffer, caption, augmentation) is
 derived from ``(seed, epoch, ...)`` rather than a global RNG: the stream of an epoch is a pure
-function of the seed, so a run resumes exactly from ``(epoch, position)`` whatever the workers.
+function of the seed (and of ``num_workers``, which splits the shards), so a run resumes
+exactly from ``(epoch, position)``.
 """
 from __future__ import annotations
 
@@ -223,7 +224,7 @@ def iter_batches(make_dataset: Callable[[int], IterableDataset], batch_size: int
     Yields ``(items, state_after, skips)``; ``skips`` are the skip events met since the previous
     batch. Each epoch's last partial batch is dropped (a batch never mixes epochs, so an image
     never meets itself as a negative). Resuming re-reads the epoch and drops ``position`` elements:
-    the merged stream is deterministic, so this is exact for any ``num_workers``.
+    the merged stream is deterministic for a given ``num_workers``, so this is exact.
     """
     epoch, drop = state.epoch, state.position
     skips: list[SkipEvent] = []

@@ -105,7 +105,8 @@ class FeatureLoss(DistillLoss):
             raise ValueError(f"feature loss: metric {metric!r} is not one of {list(self.METRICS)}")
         unknown = sorted(set(modalities) - {"image", "text"})
         if unknown or not modalities:
-            raise ValueError(f"feature loss: modalities must be a non-empty subset of image, text; got {list(modalities)}")
+            raise ValueError("feature loss: modalities must be a non-empty subset of "
+                             f"image, text; got {list(modalities)}")
         self.metric, self.modalities = metric, tuple(modalities)
         self.requires = frozenset(f"{m}_emb" for m in self.modalities)
         # A modality without a teacher dim has no cache field; build_objective reports that.
@@ -153,7 +154,8 @@ class SimilarityKL(DistillLoss):
         if self.teacher_temperature is not None:
             return 1.0 / self.teacher_temperature
         if batch.teacher_logit_scale is None:
-            raise CacheError("similarity_kl: the cache has no logit_scale; set kwargs.teacher_temperature")
+            raise CacheError("similarity_kl: the cache has no logit_scale; "
+                             "set kwargs.teacher_temperature")
         return float(batch.teacher_logit_scale)
 
     def forward(self, batch: DistillBatch) -> Tensor:

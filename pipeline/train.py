@@ -6,14 +6,18 @@ and keeps all its state in a ``TrainRun`` (no globals), so a DistributedDataPara
 can be added around it later.
 
 Outputs in ``out_dir``: ``student.safetensors`` + ``student.json`` (the final model),
-``checkpoints/last.safetensors`` (weights, optimizer, step, loader position, RNG; the run
-resumes from it), ``train_log.csv`` (one row per ``log_every`` steps) and ``train_summary.json``.
+``train_log.csv`` (one row per ``log_every`` steps) and ``train_summary.json``. While a run is
+going, its resumable state lives beside the output in ``<out parent>/.scratch/<out name>/``:
+``last.safetensors`` (weights, optimizer, step, loader position, RNG) and the growing
+``train_log.csv``. ``dvc repro`` deletes a stage's outputs before running it, so state kept
+inside ``out_dir`` could never be resumed; a finished run publishes the log and removes it.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,7 +69,7 @@ class TrainConfig:
     device: str = "auto"                      # "auto" = cuda when available, else cpu
     amp: bool = True                          # bf16 autocast for the towers on CUDA (ignored on CPU)
     on_bad_image: Literal["skip", "strict"] = "skip"  # skip: count undecodable images and go on
-    resume: bool = True                       # continue from checkpoints/last.safetensors if present
+    resume: bool = True                       # continue an interrupted run from its scratch checkpoint
 
 
 @dataclass
@@ -92,8 +96,13 @@ class TrainRun:
         return Path(self.cfg.out_dir)
 
     @property
+    def work(self) -> Path:
+        """Scratch directory of an unfinished run (outside the DVC output)."""
+        return self.out.parent / ".scratch" / self.out.name
+
+    @property
     def checkpoint_path(self) -> Path:
-        return self.out / "checkpoints" / "last.safetensors"
+        return self.work / "last.safetensors"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -252,13 +261,13 @@ def save_state(run: TrainRun) -> None:
 
 
 def restore_state(run: TrainRun) -> None:
-    """Load ``checkpoints/last.safetensors`` into ``run``; refuse one from other settings."""
+    """Load the scratch checkpoint into ``run``; refuse one from other settings."""
     tensors, meta = read_checkpoint(run.checkpoint_path)
     if meta.get("run_fingerprint") != run.run_fingerprint:
         raise PipelineError(
             f"{run.checkpoint_path}: checkpoint was made with other settings, data or teacher "
             f"(run fingerprint {meta.get('run_fingerprint')} != {run.run_fingerprint}); "
-            "use another train.out_dir, delete the checkpoint, or set train.resume: false")
+            f"use another train.out_dir, delete {run.work}, or set train.resume: false")
     run.student.load_state_dict({k: v for k, v in tensors.items() if "/" not in k})
     prefix = "objective/"
     run.objective.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
@@ -361,7 +370,7 @@ def train(cfg: TrainConfig, progress: bool | None = None,
     if cfg.resume and run.checkpoint_path.exists():
         restore_state(run)
         resumed_from = run.step
-    log = MetricsLog(run.out / "train_log.csv", log_columns(run.objective), run.step)
+    log = MetricsLog(run.work / "train_log.csv", log_columns(run.objective), run.step)
     start, t_loop = run.step, time.perf_counter()
     try:
         with progress_task(f"train {cfg.student}", run.total_steps, progress) as advance:
@@ -372,10 +381,21 @@ def train(cfg: TrainConfig, progress: bool | None = None,
     loop_seconds, seconds = time.perf_counter() - t_loop, time.perf_counter() - t0
     finished = run.step >= run.total_steps
     if finished:
-        save_checkpoint(run.out / "student.safetensors", run.student, {}, run.student.spec())
+        publish(run)
     summary = make_summary(run, last, resumed_from, run.step - start, seconds, loop_seconds, finished)
+    run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def publish(run: TrainRun) -> None:
+    """Write the final model and log into ``out_dir`` and drop the run's scratch state."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(run.out / "student.safetensors", run.student, {}, run.student.spec())
+    shutil.copyfile(run.work / "train_log.csv", run.out / "train_log.csv")
+    shutil.rmtree(run.work)
+    if not any(run.work.parent.iterdir()):
+        run.work.parent.rmdir()
 
 
 def make_summary(run: TrainRun, last: dict[str, float], resumed_from: int | None,

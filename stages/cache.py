@@ -9,7 +9,11 @@ from rich.table import Table
 
 from pipeline.errors import PipelineError
 from pipeline.inspect import cache_info, verify_cache
+from rich.console import Console
+
 from stages.common import console, fail, print_json
+
+out = Console(soft_wrap=True)  # stdout, long fingerprints unwrapped
 
 app = typer.Typer(help="Inspect and verify Zarr cache stores.", no_args_is_help=True)
 PathArg = Annotated[Path, typer.Argument(help="A store, e.g. caches/demo_clip/train.zarr.")]
@@ -31,16 +35,16 @@ def info(path: PathArg,
         table.add_column(col)
     for name, a in data["arrays"].items():
         table.add_row(name, str(a["shape"]), a["dtype"], str(a["shards"]), str(a["chunks"]))
-    console.print(table)
+    out.print(table)
     attrs = data["attrs"]
     for key in ("schema", "schema_version", "split", "teacher_fingerprint", "dataset_fingerprint",
                 "source_teacher_fingerprint", "logit_scale", "created", "complete"):
         if key in attrs:
-            console.print(f"{key}: {attrs[key]}", highlight=False)
+            out.print(f"{key}: {attrs[key]}", highlight=False)
     for kind in ("image", "text"):
         if f"{kind}_rows" in data:
-            console.print(f"{kind} rows: {data[f'{kind}_rows']}", highlight=False)
-    console.print(f"size on disk: {data['bytes_on_disk'] / 2**20:.2f} MiB in {data['files']} files")
+            out.print(f"{kind} rows: {data[f'{kind}_rows']}", highlight=False)
+    out.print(f"size on disk: {data['bytes_on_disk'] / 2**20:.2f} MiB in {data['files']} files")
 
 
 @app.command("verify")

@@ -177,3 +177,15 @@ def test_parameters_used_matches_the_student_tower_split():
     towers = student.tower_parameters()
     assert parameters_used(student, lambda: student.encode_image(pixels)) == towers["image"]
     assert parameters_used(student, lambda: student.encode_text(student.tokenize(["a cat"]))) == towers["text"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluate_on_cuda_matches_cpu(eval_setup: EvalConfig):
+    cpu = evaluate(replace(eval_setup, teacher=None, measure_memory=False), progress=False)
+    gpu = evaluate(replace(eval_setup, device="cuda"), progress=False)
+    assert gpu["teacher"] == cpu["teacher"]  # scored from the same cache arrays
+    for key, value in cpu["student"].items():
+        assert gpu["student"][key] == pytest.approx(value, abs=1e-6), key
+    assert gpu["efficiency"]["student"]["cuda_peak_mb"] > 0
+    assert gpu["efficiency"]["teacher"]["image_ms_per_item_b4"] > 0

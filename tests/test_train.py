@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from pipeline.cache import ROW_INVALID, ROW_VALID, base_attrs, create_teacher_store, write_unit
 from pipeline.data.shards import iter_samples, load_manifest, write_manifest, write_shards
-from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError
+from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError, SampleDecodeError
 from pipeline.fingerprint import fingerprint
 from pipeline.loader import DistillStream, LoaderState, TrainItem, iter_batches, open_targets
 from pipeline.losses import LossTerm
@@ -66,7 +66,8 @@ def write_cache(path: Path, manifest, modalities=("image", "text"), dataset_fp: 
         vec[names.index(label) if label in names else len(names)] = 1.0
         return vec
     image_emb = np.stack([code(s.label) for s in rows])
-    text_rows = [(i, f"{s.sample_id}#{c}", s.label) for i, s in enumerate(rows) for c in range(len(s.captions))]
+    text_rows = [(i, f"{s.sample_id}#{c}", s.label)
+                 for i, s in enumerate(rows) for c in range(len(s.captions))]
     status = np.array([ROW_INVALID if s.key == BROKEN_KEY else ROW_VALID for s in rows], np.uint8)
     attrs = base_attrs("vlm-distill/teacher-cache")
     attrs.update(teacher={"teacher": "toy"}, teacher_fingerprint=fingerprint({"teacher": "toy"}),
@@ -183,9 +184,10 @@ def test_train_end_to_end_loss_decreases(toy, tmp_path):
     saved = json.loads((out / "train_summary.json").read_text())
     assert saved["steps"] == 30
     student = load_student(out)
-    final = load_file(str(out / "checkpoints" / "last.safetensors"))
+    final = load_file(str(out / "student.safetensors"))
     for key, value in student.state_dict().items():
         assert torch.equal(value, final[key])
+    assert not (tmp_path / ".scratch").exists()  # a finished run leaves no resumable state
 
 
 def test_resume_matches_straight_run(toy, tmp_path):
@@ -206,9 +208,18 @@ def test_resume_matches_straight_run(toy, tmp_path):
 
 
 def test_resume_refuses_other_settings(toy, tmp_path):
-    train(_cfg(toy, tmp_path, steps=3), progress=False)
+    out = tmp_path / "run"
+    train(_cfg(toy, out, steps=6, checkpoint_every=2), progress=False, stop_after=3)
     with pytest.raises(PipelineError, match="other settings"):
-        train(_cfg(toy, tmp_path, steps=3, lr=1e-2), progress=False)
+        train(_cfg(toy, out, steps=6, checkpoint_every=2, lr=1e-2), progress=False)
+
+
+def test_finished_run_does_not_block_new_settings(toy, tmp_path):
+    """After a finished run (e.g. `dvc repro` after a parameter change) training starts afresh."""
+    out = tmp_path / "run"
+    train(_cfg(toy, out, steps=3), progress=False)
+    again = train(_cfg(toy, out, steps=3, lr=1e-2), progress=False)
+    assert again["finished"] and again["resumed_from"] is None
 
 
 def test_refuses_cache_of_other_dataset(toy, tmp_path):
@@ -244,3 +255,14 @@ def test_no_teacher_is_imported(toy, tmp_path):
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ok", "2"]
+
+
+def test_cross_modal_loss_needs_one_teacher_for_both_modalities(toy, tmp_path):
+    cfg = _cfg(toy, tmp_path, caches=(str(toy["vision_cache"]), str(toy["cache"])))
+    with pytest.raises(CacheError, match="similarity_kl.*different caches"):
+        train(cfg, progress=False)
+
+
+def test_strict_policy_stops_on_undecodable_image(toy, tmp_path):
+    with pytest.raises(SampleDecodeError, match=BROKEN_KEY):
+        train(_cfg(toy, tmp_path, on_bad_image="strict", steps=2), progress=False)

@@ -1,0 +1,67 @@
+"""The `distill` typer app: stage commands parse params.yaml and fail with clear messages."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.registry import Registry, UnknownNameError
+from stages.cli import app
+from tests.conftest import TINY_CLIP_CFG
+
+runner = CliRunner()
+
+
+def write_params(path: Path, root: Path, tmp_path: Path, **teach) -> Path:
+    params = {
+        "teachers": {"tiny": {"teacher": "open_clip", "kwargs": {"model_cfg": TINY_CLIP_CFG}}},
+        "teach": {"dataset": str(root), "out_root": str(tmp_path / "caches"), "batch_size": 8,
+                  "rows_per_shard": 16, "rows_per_chunk": 8, "summary_dir": str(tmp_path / "reports"),
+                  **teach},
+    }
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_teach_info_verify_round_trip(make_dataset, tmp_path):
+    params = write_params(tmp_path / "params.yaml", make_dataset(), tmp_path)
+    result = runner.invoke(app, ["teach", "tiny", "--params", str(params), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["forward_calls"] > 0 and summary["units_computed"] == 2 + 3 + 1 + 2
+    store = tmp_path / "caches/tiny/train.zarr"
+    info = runner.invoke(app, ["cache", "info", str(store), "--json"])
+    assert info.exit_code == 0
+    assert json.loads(info.stdout)["image_rows"] == {"valid": 24, "invalid": 0, "unwritten": 0}
+    assert runner.invoke(app, ["cache", "verify", str(store)]).exit_code == 0
+    (store / "text_emb/c/0/0").write_bytes(b"\x00" * 64)  # a damaged shard file
+    verify = runner.invoke(app, ["cache", "verify", str(store)])
+    assert verify.exit_code == 1 and "text_emb" in verify.output
+
+
+def test_unknown_param_key_is_a_clean_error(make_dataset, tmp_path):
+    params = write_params(tmp_path / "params.yaml", make_dataset(), tmp_path, batchsize=3)
+    result = runner.invoke(app, ["teach", "tiny", "--params", str(params)])
+    assert result.exit_code == 1
+    assert "unknown key(s) ['batchsize']" in result.output and "batch_size" in result.output
+
+
+def test_unknown_teacher_lists_known_ones(tmp_path):
+    reg: Registry[object] = Registry("teacher")
+    reg.register("a")(object)
+    reg.register("b")(object)
+    try:
+        reg.create("c")
+    except UnknownNameError as exc:
+        assert str(exc) == "unknown teacher 'c'; known teachers: a, b"
+    else:  # pragma: no cover - the registry must refuse
+        raise AssertionError("unknown name accepted")
+
+
+def test_list_shows_registered_components():
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    for name in ("open_clip", "demo_clip", "efficientnet_lite", "hf_text", "open_clip_tiny", "contrastive"):
+        assert name in result.stdout
