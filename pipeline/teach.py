@@ -10,9 +10,12 @@ teacher pass is never paid for twice.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
@@ -52,6 +55,9 @@ class TeachConfig:
     device: str = "auto"                   # "auto" = cuda when available, else cpu
     on_bad_image: Literal["skip", "strict"] = "skip"  # skip: count, log, mark row invalid
     prefetch_batches: int = 4              # decoded batches queued ahead of the teacher
+    preprocess_workers: int | None = None  # threads resizing/normalising images; None = auto
+                                           # (none on CPU, where the teacher needs the cores;
+                                           # min(8, cores) when the teacher is on a GPU)
     summary_dir: str = "reports/teach"     # per-teacher run summary (forward passes, skips)
 
 
@@ -119,35 +125,47 @@ def _image_rows(manifest: Manifest, start: int, stop: int, decode: bool,
         yield row, sample
 
 
-def compute_image_unit(teacher: Any, manifest: Manifest, start: int, stop: int, cfg: TeachConfig,
-                       advance: Callable) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
-    """Embed images ``[start, stop)``; undecodable ones are listed, marked invalid, left zero."""
+def _pixel_batches(teacher: Any, manifest: Manifest, start: int, stop: int, cfg: TeachConfig,
+                   skipped: list[dict[str, str]], pool: ThreadPoolExecutor | None
+                   ) -> Iterator[list[tuple[int, str, torch.Tensor | None]]]:
+    """Batches of (unit-relative row, sample id, preprocessed pixels or None if undecodable).
+
+    Preprocessing (resize, crop, normalise) runs on ``pool`` when given: PIL and torch release
+    the GIL, so threads keep a GPU teacher fed where one thread could not.
+    """
     handler = SkipCounter() if cfg.on_bad_image == "skip" else strict_handler
+    has_image = "image" in teacher.modalities
+
+    def prep(image: Any) -> torch.Tensor | None:
+        return teacher.preprocess(image) if image is not None else None
+
+    for batch in batched(_image_rows(manifest, start, stop, has_image, handler), cfg.batch_size):
+        skipped.extend({"id": s.sample_id, "reason": s.error} for _, s in batch if s.error is not None)
+        images = [s.image for _, s in batch]
+        pixels = list(pool.map(prep, images)) if pool else [prep(im) for im in images]
+        yield [(row - start, s.sample_id, px) for (row, s), px in zip(batch, pixels)]
+
+
+def compute_image_unit(teacher: Any, manifest: Manifest, start: int, stop: int, cfg: TeachConfig,
+                       advance: Callable, pool: ThreadPoolExecutor | None = None
+                       ) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
+    """Embed images ``[start, stop)``; undecodable ones are listed, marked invalid, left zero."""
     skipped: list[dict[str, str]] = []
     has_image = "image" in teacher.modalities
     n = stop - start
     ids = np.empty(n, dtype=object)
     status = np.full(n, ROW_VALID, dtype=np.uint8)
     emb = np.zeros((n, teacher.embed_dim), dtype=np.float32) if has_image else None
-
-    def preprocessed() -> Iterator[tuple[int, str, torch.Tensor | None]]:
-        for row, sample in _image_rows(manifest, start, stop, has_image, handler):
-            if sample.error is not None:
-                skipped.append({"id": sample.sample_id, "reason": sample.error})
-            pixels = teacher.preprocess(sample.image) if sample.image is not None else None
-            yield row - start, sample.sample_id, pixels
-
-    for batch in prefetch(batched(preprocessed(), cfg.batch_size), cfg.prefetch_batches):
-        for i, sid, _ in batch:
+    batches = _pixel_batches(teacher, manifest, start, stop, cfg, skipped, pool)
+    for batch in prefetch(batches, cfg.prefetch_batches):
+        for i, sid, px in batch:
             ids[i] = sid
+            if has_image and px is None:
+                status[i] = ROW_INVALID
         good = [(i, px) for i, _, px in batch if px is not None]
-        if has_image:
-            for i, _, px in batch:
-                if px is None:
-                    status[i] = ROW_INVALID
-            if good:
-                out = teacher.encode_images(torch.stack([px for _, px in good]))
-                emb[[i for i, _ in good]] = out.float().cpu().numpy()
+        if has_image and good:
+            out = teacher.encode_images(torch.stack([px for _, px in good]))
+            emb[[i for i, _ in good]] = out.float().cpu().numpy()
         advance(len(batch))
     arrays: dict[str, np.ndarray] = {"image_id": ids.astype(str), "image_status": status}
     if emb is not None:
@@ -204,6 +222,7 @@ class TeachRun:
     cfg: TeachConfig
     manifests: dict[str, Manifest]
     teacher_fp: dict[str, Any]
+    pool: ThreadPoolExecutor | None = None  # image preprocessing threads, if any
     units_computed: int = 0
     units_resumed: int = 0
     skipped: dict[str, list[dict[str, str]]] = field(default_factory=dict)
@@ -262,7 +281,8 @@ def _run_split(run: TeachRun, scratch: ScratchRun, split: str, advance: Callable
                 continue
             skipped: list[dict[str, str]] = []
             if kind == "image":
-                arrays, skipped = compute_image_unit(run.teacher, manifest, start, stop, run.cfg, advance)
+                arrays, skipped = compute_image_unit(run.teacher, manifest, start, stop, run.cfg,
+                                                     advance, run.pool)
             else:
                 arrays = compute_text_unit(run.teacher, manifest, start, stop, run.cfg, advance)
             write_unit(group, start, stop, arrays)
@@ -302,11 +322,26 @@ def run_teach(cfg: TeachConfig, name: str, teacher: Any, progress: bool | None =
         })
         scratch = ScratchRun(run.out, run_fp)
         total = sum(m.n_images + m.n_texts for m in manifests.values())
-        with progress_task(f"teach {name}", total, progress) as advance:
+        workers = preprocess_workers(cfg, teacher)
+        with ThreadPoolExecutor(workers) if workers else _no_pool() as run.pool, \
+                progress_task(f"teach {name}", total, progress) as advance:
             for split in cfg.splits:
                 _run_split(run, scratch, split, advance)
         scratch.publish()
     return _summary(run, up_to_date, teacher.forward_calls - calls_before, time.perf_counter() - t0)
+
+
+def preprocess_workers(cfg: TeachConfig, teacher: Any) -> int:
+    """Threads for image preprocessing: the configured number, else 0 on CPU, some on a GPU."""
+    if cfg.preprocess_workers is not None:
+        return cfg.preprocess_workers
+    on_gpu = "image" in teacher.modalities and getattr(teacher, "device", torch.device("cpu")).type != "cpu"
+    return min(8, os.cpu_count() or 1) if on_gpu else 0
+
+
+@contextmanager
+def _no_pool() -> Iterator[None]:
+    yield None
 
 
 def _summary(run: TeachRun, up_to_date: bool, forward_calls: int, seconds: float) -> dict[str, Any]:

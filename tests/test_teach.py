@@ -227,3 +227,11 @@ def test_neighbors_never_return_invalid_rows(tmp_path):
     assert not (nn["t2i_topk_idx"] == 3).any() and not (nn["i2i_topk_idx"] == 3).any()
     assert (nn["i2i_topk_idx"][3] == -1).all() and (nn["i2t_topk_idx"][3] == -1).all()
     assert (nn["i2i_topk_idx"][[0, 1, 2, 4]] >= 0).all()
+
+
+def test_preprocess_threads_give_identical_cache(make_dataset, tiny_teacher, tmp_path):
+    root = make_dataset(n_train=20, corrupt={5})
+    run_teach(teach_cfg(root, tmp_path, out_root=str(tmp_path / "a")), "tiny", tiny_teacher, progress=False)
+    run_teach(teach_cfg(root, tmp_path, out_root=str(tmp_path / "b"), preprocess_workers=3),
+              "tiny", tiny_teacher, progress=False)
+    assert tree_digest(tmp_path / "a/tiny") == tree_digest(tmp_path / "b/tiny")

@@ -27,6 +27,7 @@ import io
 import json
 import os
 import posixpath
+import re
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -425,7 +426,8 @@ def _make_sample(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: str, key:
     try:
         image = decode_image(data)
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        reason = f"{type(exc).__name__}: {exc}"
+        # no memory addresses in the reason: it is stored in caches, which must be reproducible
+        reason = re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
         err = SampleDecodeError(shard, key, reason)
         if not handler(err):
             raise err from exc
