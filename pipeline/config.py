@@ -100,3 +100,48 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if isinstance(hint, type) and not isinstance(value, hint):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
+
+
+_JSON_TYPES = {int: "integer", float: "number", str: "string", bool: "boolean"}
+
+
+def json_schema(cls: type) -> dict[str, Any]:
+    """JSON schema of a config dataclass: field types, defaults, no unknown keys."""
+    hints = typing.get_type_hints(cls)
+    props: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        prop = _type_schema(hints[f.name])
+        default = _default(f)
+        if default is not dataclasses.MISSING:
+            prop["default"] = default
+        props[f.name] = prop
+    required = [f.name for f in dataclasses.fields(cls) if _default(f) is dataclasses.MISSING]
+    schema = {"type": "object", "title": cls.__name__, "properties": props, "additionalProperties": False}
+    return schema | ({"required": required} if required else {})
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        value = f.default_factory()  # type: ignore[misc]
+    else:
+        return dataclasses.MISSING
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else (
+        [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+        if isinstance(value, tuple) else value)
+
+
+def _type_schema(hint: Any) -> dict[str, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [{"type": "null"} if a is type(None) else _type_schema(a) for a in args]}
+    if origin is typing.Literal:
+        return {"enum": list(args)}
+    if origin in (tuple, list):
+        return {"type": "array", "items": _type_schema(args[0]) if args else {}}
+    if origin is dict or hint is dict:
+        return {"type": "object"}
+    if dataclasses.is_dataclass(hint):
+        return json_schema(hint)
+    return {"type": _JSON_TYPES[hint]} if hint in _JSON_TYPES else {}

@@ -1,0 +1,38 @@
+"""The JSON schema of ``params.yaml``, generated from the stage config dataclasses.
+
+``schemas/params.v1.json`` is this module's output (``python -m pipeline.params_schema``); a test
+keeps the two in step, so the schema always documents what the stages accept.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pipeline.config import json_schema
+from pipeline.data.prepare import PrepareConfig
+from pipeline.evaluate import EvalConfig
+from pipeline.neighbors import NeighborsConfig
+from pipeline.teach import TeachConfig, TeacherEntry
+from pipeline.train import TrainConfig
+
+
+def params_schema() -> dict[str, Any]:
+    """Schema of the whole parameters file: one section per stage plus the teacher mapping."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "vlm-distill/params/v1",
+        "title": "params.yaml of the vlm-distill pipeline",
+        "type": "object",
+        "properties": {
+            "prepare": json_schema(PrepareConfig),
+            "teachers": {"type": "object", "additionalProperties": json_schema(TeacherEntry)},
+            "teach": json_schema(TeachConfig),
+            "neighbors": json_schema(NeighborsConfig),
+            "train": json_schema(TrainConfig),
+            "evaluate": json_schema(EvalConfig),
+        },
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(params_schema(), indent=2))
