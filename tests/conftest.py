@@ -8,7 +8,6 @@ from typing import Callable
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 from pipeline.data.shards import write_manifest, write_shards
@@ -81,8 +80,7 @@ def make_dataset(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def tiny_teacher():
-    """A real open_clip CLIP with random weights (fixed seed), tiny enough for tests."""
+    """A real open_clip CLIP with random weights (seeded by the teacher), tiny enough for tests."""
     from pipeline.teachers import create_teacher
 
-    torch.manual_seed(0)
     return create_teacher("open_clip", model_cfg=TINY_CLIP_CFG, pretrained=None)

@@ -40,7 +40,6 @@ def cat_image() -> Image.Image:
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def tiny_clip() -> Teacher:
-    torch.manual_seed(0)
     return create_teacher("open_clip", model_cfg=TINY_CLIP)
 
 
@@ -150,10 +149,9 @@ def test_open_clip_local_checkpoint_round_trip(tiny_clip, tmp_path):
 
 
 def test_open_clip_fingerprint_tracks_weights(tiny_clip):
-    torch.manual_seed(0)
+    torch.manual_seed(123)  # the global RNG must not matter: random weights come from `seed`
     same = create_teacher("open_clip", model_cfg=TINY_CLIP)
-    torch.manual_seed(1)
-    other = create_teacher("open_clip", model_cfg=TINY_CLIP)
+    other = create_teacher("open_clip", model_cfg=TINY_CLIP, seed=1)
     assert same.fingerprint() == tiny_clip.fingerprint()
     assert other.fingerprint()["weights_sha256"] != tiny_clip.fingerprint()["weights_sha256"]
 
