@@ -1,6 +1,8 @@
 """Shared pieces of the benchmarks: machine info, timing, result files, demo data."""
 from __future__ import annotations
 
+import argparse
+
 import io
 import json
 import os
@@ -143,3 +145,13 @@ def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def teacher_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Teacher factory kwargs from ``--teacher-kwarg``, ``--teacher-model``, ``--teacher-pretrained``."""
+    kwargs = parse_kwargs(args.teacher_kwarg)
+    if args.teacher_model is not None:
+        kwargs["model"] = args.teacher_model
+    if args.teacher_pretrained is not None:
+        kwargs["pretrained"] = args.teacher_pretrained
+    return kwargs

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from _common import (machine_info, markdown_table, median, parse_kwargs, timed,
-                     write_results, write_shape_dataset)
+from _common import (machine_info, markdown_table, median, teacher_kwargs, timed, write_results,
+                     write_shape_dataset)
 from pipeline.data.shards import Manifest, SkipCounter, iter_samples, load_manifest
 from pipeline.teach import TeachConfig, batched, run_teach
 from pipeline.teachers import create_teacher
@@ -100,15 +100,6 @@ def teach_pass(teacher: Any, name: str, root: Path, split: str, batch_size: int,
     summary = run_teach(cfg, name, teacher, progress=False)
     assert not summary["up_to_date"] and summary["units_computed"] > 0
     shutil.rmtree(out)
-
-
-def teacher_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = parse_kwargs(args.teacher_kwarg)
-    if args.teacher_model is not None:
-        kwargs["model"] = args.teacher_model
-    if args.teacher_pretrained is not None:
-        kwargs["pretrained"] = args.teacher_pretrained
-    return kwargs
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

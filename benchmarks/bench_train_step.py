@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from _common import (demo_batch, machine_info, markdown_table, median, parse_kwargs, timed,
+from _common import (demo_batch, machine_info, markdown_table, median, teacher_kwargs, timed,
                      write_results)
 from pipeline.config import load_section
 from pipeline.losses import DistillBatch, LossTerm, build_objective
@@ -67,15 +67,6 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     """The demo train config (params.yaml) or the dataclass defaults, batch size overridden."""
     cfg = load_section(TrainConfig, "train", args.params) if Path(args.params).exists() else TrainConfig()
     return replace(cfg, batch_size=args.batch_size) if args.batch_size else cfg
-
-
-def teacher_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs = parse_kwargs(args.teacher_kwarg)
-    if args.teacher_model is not None:
-        kwargs["model"] = args.teacher_model
-    if args.teacher_pretrained is not None:
-        kwargs["pretrained"] = args.teacher_pretrained
-    return kwargs
 
 
 class Trainee:

@@ -6,9 +6,10 @@ DVC hashes quickly). A shard is also the unit of work: every writer (process, Da
 writes whole shards of its own, so no two writers ever touch one file. Chunks inside a shard are
 zstd-compressed and carry a crc32c checksum, and so does each shard index.
 
-Row status arrays say what each row holds: 0 = never written (a missing shard reads back as fill
-values, so this is how they are caught), 1 = valid, 2 = invalid (the sample's image could not be
-decoded; the row holds zeros and must not be used).
+Row status arrays say what each row holds: 0 = never written, 1 = valid, 2 = invalid (the
+sample's image could not be decoded; the row holds zeros and must not be used). A missing shard
+file reads back as fill values without any error, so fill values are chosen to be caught: status
+0 (never written) and NaN embeddings, which a valid row can never hold.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import jsonschema
 import numpy as np
@@ -37,8 +38,8 @@ Kind = Literal["image", "text"]
 class Layout:
     """How rows are split into files; the same for every array of a store."""
 
-    rows_per_shard: int = 1024  # rows per Zarr shard file = one unit of work for one writer
-    rows_per_chunk: int = 128   # rows per compressed, checksummed chunk inside a shard
+    rows_per_shard: int = 16384  # rows per Zarr shard file = one unit of work for one writer
+    rows_per_chunk: int = 256    # rows per compressed, checksummed chunk inside a shard
     zstd_level: int = 3
 
 
@@ -93,10 +94,9 @@ def create_teacher_store(path: Path, *, n_images: int, n_texts: int, embed_dim: 
                          layout: Layout = Layout()) -> zarr.Group:
     """Create an empty teacher cache at ``path`` (overwrites); ``attrs`` are the root attributes."""
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
-    if "image" in modalities:
-        create_array(group, "image_emb", (n_images, embed_dim), "float16", layout, 0)
-    if "text" in modalities:
-        create_array(group, "text_emb", (n_texts, embed_dim), "float16", layout, 0)
+    for kind, n in (("image", n_images), ("text", n_texts)):
+        if kind in modalities:  # NaN fill: rows of a lost shard cannot pass for embeddings
+            create_array(group, f"{kind}_emb", (n, embed_dim), "float16", layout, np.nan)
     create_array(group, "image_id", (n_images,), str, layout)
     create_array(group, "text_id", (n_texts,), str, layout)
     create_array(group, "text_to_image", (n_texts,), "int32", layout, -1)
@@ -175,12 +175,14 @@ class TeacherCache:
 
     def _check_rows(self) -> None:
         for kind, status in (("image", self.image_status), ("text", self.text_status)):
-            missing = np.flatnonzero(status == ROW_MISSING)
+            emb = getattr(self, f"{kind}_emb")
+            missing = unwritten_rows(status, emb)
             if missing.size:
                 raise CacheError(
-                    f"{self.path}: {missing.size} {kind} rows were never written (first rows "
-                    f"{missing[:5].tolist()}): a shard file is missing or the run did not finish. "
-                    "Run `distill cache verify` for details and rebuild with `distill teach`."
+                    f"{self.path}: {missing.size} {kind} rows were never written or read back as "
+                    f"fill values (first rows {missing[:5].tolist()}): a shard file is missing or the "
+                    "run did not finish. Run `distill cache verify` for details; restore the store "
+                    "with `dvc checkout`/`dvc pull` or rebuild it with `distill teach`."
                 )
 
     def image_row(self) -> dict[str, int]:
@@ -190,6 +192,14 @@ class TeacherCache:
     def text_row(self) -> dict[str, int]:
         """Stable caption id (``shard/key#c``) → text row."""
         return {tid: j for j, tid in enumerate(self.text_ids.tolist())}
+
+
+def unwritten_rows(status: np.ndarray, emb: np.ndarray | None = None) -> np.ndarray:
+    """Rows never written: status 0, or a valid row whose embedding is not finite (fill NaN)."""
+    bad = status == ROW_MISSING
+    if emb is not None:
+        bad |= (status == ROW_VALID) & ~np.isfinite(emb).all(axis=1)
+    return np.flatnonzero(bad)
 
 
 def read_strings(arr: zarr.Array) -> np.ndarray:
@@ -207,12 +217,6 @@ def open_group_checked(path: Path, schema_name: str) -> zarr.Group:
     if not attrs.get("complete"):
         raise CacheError(f"{path}: the store is marked incomplete; rerun the stage to finish it")
     return group
-
-
-def iter_arrays(group: zarr.Group) -> Iterator[tuple[str, zarr.Array]]:
-    """(name, array) pairs of a group, sorted by name."""
-    for name in sorted(group.array_keys()):
-        yield name, group[name]
 
 
 def store_nbytes(path: Path) -> int:

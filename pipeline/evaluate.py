@@ -5,7 +5,8 @@ same split. Both are scored on the same rows: cache rows are joined to shard sam
 stable ids, and an image is kept only when the student could decode it AND the cache marks it
 valid; a caption is kept only when its image is kept and the cache marks the caption valid.
 
-Outputs: ``metrics.json`` (numbers only, nested one level so ``dvc metrics show`` reads it),
+Outputs: ``metrics.json`` (numbers only, nested by model and section, which ``dvc metrics show``
+flattens),
 Recall@K curves as CSV for ``dvc plots``, and a Markdown report.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from pipeline import metrics as M
 from pipeline.cache import TeacherCache
 from pipeline.data.shards import Manifest, SkipCounter, iter_samples, load_manifest
+from pipeline.devices import resolve_device
 from pipeline.progress import progress_task
 from pipeline.students import Student, load_student
 
@@ -91,13 +93,6 @@ class EncodedSplit:
     text_emb: np.ndarray           # float32 [N_txt, D]
     image_ok: np.ndarray           # bool [N_img]: the image decoded
     sample_images: list[PIL.Image.Image] = field(default_factory=list)  # first decoded images (for timing)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _encode_images(student: Student, images: list[PIL.Image.Image], device: str) -> np.ndarray:

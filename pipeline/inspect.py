@@ -99,5 +99,11 @@ def _check_values(report: VerifyReport, name: str, start: int, stop: int, values
             report.faults.append(
                 f"{name} rows [{start}, {stop}): {missing.size} rows never written (first row "
                 f"{start + int(missing[0])}; a shard file is missing or the run did not finish)")
-    elif values.dtype.kind == "f" and name.endswith("_emb") and not np.isfinite(values).all():
-        report.faults.append(f"{name} rows [{start}, {stop}): non-finite values")
+    elif name.endswith("_emb") or name.endswith("_topk_sim"):
+        # NaN is the fill value of these arrays: rows of a lost shard read back as NaN
+        bad = ~np.isfinite(values) if name.endswith("_emb") else np.isnan(values)
+        rows = np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))
+        if rows.size:
+            report.faults.append(
+                f"{name} rows [{start}, {stop}): {rows.size} rows hold fill values or non-finite "
+                f"numbers (first row {start + int(rows[0])}; a shard file is missing or damaged)")

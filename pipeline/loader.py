@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.cache import TeacherCache
 from pipeline.data.shards import Manifest, iter_samples, make_handler
-from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError
+from pipeline.errors import CacheError, PipelineError
 
 
 def derive_seed(*parts: Any) -> int:
@@ -76,14 +76,6 @@ class TeacherTargets:
         return int((with_caption & self.image_valid).sum())
 
 
-def _check_dataset(cache: TeacherCache, manifest: Manifest) -> None:
-    """Refuse a cache built from other data (``TeacherCache.open`` checks too; this names it)."""
-    if cache.dataset_fingerprint != manifest.fingerprint:
-        raise FingerprintMismatchError(
-            "dataset", str(cache.path), manifest.fingerprint, cache.dataset_fingerprint,
-            f"the cache was not built from {manifest.root}; rerun `distill teach` or fix train.caches")
-
-
 def open_targets(paths: Sequence[str], manifest: Manifest) -> TeacherTargets:
     """Open the caches of ``paths`` for ``manifest``'s dataset and merge them."""
     if not paths:
@@ -91,7 +83,6 @@ def open_targets(paths: Sequence[str], manifest: Manifest) -> TeacherTargets:
     caches = [TeacherCache.open(p, expect_dataset=manifest.fingerprint) for p in paths]
     first = caches[0]
     for cache in caches:
-        _check_dataset(cache, manifest)
         if not (np.array_equal(cache.image_ids, first.image_ids)
                 and np.array_equal(cache.text_ids, first.text_ids)):
             raise CacheError(f"{cache.path}: row ids differ from {first.path} although both "

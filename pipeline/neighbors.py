@@ -9,6 +9,7 @@ shard of queries, with memory bounded by the top-k's blocks, and resume like ``t
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,10 @@ import zarr
 
 from pipeline.cache import (Layout, TeacherCache, base_attrs, create_array, open_group_checked,
                             row_units, validate_attrs, write_unit)
+from pipeline.errors import CacheError
 from pipeline.fingerprint import fingerprint
 from pipeline.progress import progress_task
-from pipeline.scratch import ScratchRun
+from pipeline.scratch import ScratchRun, creating
 from pipeline.topk import blocked_topk
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image"),
@@ -39,7 +41,7 @@ class NeighborsConfig:
     cache_root: str = "caches"                             # teacher stores: <cache_root>/<name>/<split>.zarr
     out_root: str = "caches/neighbors"                     # output: <out_root>/<name>/<split>.zarr
     block_rows: int = 4096                                 # top-k block size (bounds memory)
-    rows_per_shard: int = 1024                             # query rows per Zarr shard = unit of work
+    rows_per_shard: int = 16384                            # query rows per Zarr shard = unit of work
 
 
 def supported_directions(cfg: NeighborsConfig, cache: TeacherCache) -> list[str]:
@@ -78,14 +80,15 @@ def _drop_self(idx: np.ndarray, sim: np.ndarray, self_rows: np.ndarray, k: int):
 def _build_split(cache: TeacherCache, cfg: NeighborsConfig, scratch: ScratchRun, split: str,
                  directions: list[str], advance: Callable) -> None:
     path = scratch.staging / f"{split}.zarr"
-    layout = Layout(cfg.rows_per_shard, min(128, cfg.rows_per_shard))
-    if not (path / "zarr.json").exists():
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
-        for d in directions:
-            n = len(getattr(cache, f"{DIRECTIONS[d][0]}_emb"))
-            create_array(group, f"{d}_topk_idx", (n, cfg.k), "int32", layout, -1)
-            create_array(group, f"{d}_topk_sim", (n, cfg.k), "float16", layout, 0)
-        group.attrs.update(_attrs(cache, cfg, split, directions))
+    layout = Layout(cfg.rows_per_shard, min(256, cfg.rows_per_shard))
+    if not path.exists():
+        with creating(path) as tmp:
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            for d in directions:
+                n = len(getattr(cache, f"{DIRECTIONS[d][0]}_emb"))
+                create_array(group, f"{d}_topk_idx", (n, cfg.k), "int32", layout, -1)
+                create_array(group, f"{d}_topk_sim", (n, cfg.k), "float16", layout, np.nan)
+            group.attrs.update(_attrs(cache, cfg, split, directions))
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)
     for d in directions:
         n = group[f"{d}_topk_idx"].shape[0]
@@ -95,6 +98,7 @@ def _build_split(cache: TeacherCache, cfg: NeighborsConfig, scratch: ScratchRun,
                 idx, sim = topk_unit(cache, d, start, stop, cfg.k, cfg.block_rows)
                 write_unit(group, start, stop, {f"{d}_topk_idx": idx,
                                                 f"{d}_topk_sim": sim.astype(np.float16)})
+                os.sync()  # data on disk before the done marker
                 scratch.mark_done(unit)
             advance(stop - start)
     attrs = dict(group.attrs) | {"complete": True}
@@ -131,7 +135,13 @@ def run_neighbors(cfg: NeighborsConfig, name: str, progress: bool | None = None)
 
 def open_neighbors(path: str | Path) -> dict[str, np.ndarray]:
     """Load a verified neighbour store as ``{array name: array}`` (plus ``attrs``)."""
-    group = open_group_checked(Path(path), "neighbors.v1")
+    path = Path(path)
+    group = open_group_checked(path, "neighbors.v1")
     arrays: dict[str, Any] = {name: np.asarray(group[name][:]) for name in group.array_keys()}
+    for name, values in arrays.items():
+        lost = np.flatnonzero(np.isnan(values).any(axis=1)) if name.endswith("_topk_sim") else []
+        if len(lost):  # NaN is the fill value: a shard file of this array is missing
+            raise CacheError(f"{path}: {name} rows {lost[:5].tolist()}... read back as fill values: "
+                             "a shard file is missing; rerun `distill neighbors` or `dvc checkout`")
     arrays["attrs"] = dict(group.attrs)
     return arrays

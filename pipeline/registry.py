@@ -50,7 +50,7 @@ class Registry(Generic[T]):
         except KeyError:
             known = ", ".join(self.names()) or "(none)"
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; known {self.kind}s: {known}"
+                f"unknown {self.kind} {name!r}; known: {known}"
             ) from None
 
     def create(self, name: str, **kwargs: Any) -> T:

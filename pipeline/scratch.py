@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def fsync_dir(path: Path) -> None:
@@ -24,15 +25,41 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durable(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename, fsync dir)."""
+def write_durable(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync dir): readers
+    see the old file or the new one, never a torn one, and a power cut keeps the new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Put directory ``new`` at ``dest`` by renames; an old ``dest`` is deleted only afterwards."""
+    old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    fsync_dir(dest.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+@contextmanager
+def creating(path: Path) -> Iterator[Path]:
+    """Build something at a temporary sibling of ``path``, renamed to ``path`` only when done,
+    so an interruption never leaves a half-created store that later runs would trust."""
+    tmp = path.with_name(f".{path.name}.creating")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    yield tmp
+    os.replace(tmp, path)
 
 
 class ScratchRun:
@@ -44,19 +71,18 @@ class ScratchRun:
         self.staging = self.dir / "staging"
         self.done_dir = self.dir / "done"
         self.run_fingerprint = run_fingerprint
-        self.resumed = self._open()
+        self._open()
 
-    def _open(self) -> bool:
+    def _open(self) -> None:
         """Reuse matching scratch state; discard state left by a run with other inputs."""
         run_file = self.dir / "run.json"
         if run_file.exists():
             if json.loads(run_file.read_text()).get("fingerprint") == self.run_fingerprint:
-                return True
+                return
             shutil.rmtree(self.dir)
         self.done_dir.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir(parents=True, exist_ok=True)
         write_durable(run_file, json.dumps({"fingerprint": self.run_fingerprint}))
-        return False
 
     def is_done(self, unit: str) -> bool:
         """Whether unit ``unit`` was finished by this or an earlier, interrupted run."""
@@ -73,13 +99,7 @@ class ScratchRun:
     def publish(self) -> None:
         """Move ``staging`` to ``out`` by renames; an existing ``out`` is replaced only then."""
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        old = self.out.with_name(f".{self.out.name}.old{os.getpid()}")
-        if self.out.exists():
-            os.replace(self.out, old)
-        os.replace(self.staging, self.out)
-        fsync_dir(self.out.parent)
-        if old.exists():
-            shutil.rmtree(old)
+        replace_dir(self.staging, self.out)
         shutil.rmtree(self.dir)
         scratch_parent = self.dir.parent
         if scratch_parent.exists() and not any(scratch_parent.iterdir()):

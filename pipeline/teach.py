@@ -26,12 +26,12 @@ import zarr
 
 from pipeline import __version__
 from pipeline.cache import (ROW_INVALID, ROW_VALID, Layout, base_attrs, create_teacher_store,
-                            row_units, validate_attrs, write_unit)
-from pipeline.data.shards import Manifest, SkipCounter, iter_samples, load_manifest, strict_handler
+                            row_units, unwritten_rows, validate_attrs, write_unit)
+from pipeline.data.shards import Manifest, iter_samples, load_manifest, make_handler
 from pipeline.errors import CacheError, PipelineError
 from pipeline.fingerprint import fingerprint
 from pipeline.progress import progress_task
-from pipeline.scratch import ScratchRun
+from pipeline.scratch import ScratchRun, creating
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class TeachConfig:
     splits: tuple[str, ...] = ("train", "test")
     out_root: str = "caches"               # stores go to <out_root>/<teacher name>/<split>.zarr
     batch_size: int = 32                   # images per teacher forward (texts: 4x this)
-    rows_per_shard: int = 1024             # rows per Zarr shard file = one unit of work
-    rows_per_chunk: int = 128              # rows per checksummed chunk inside a shard
+    rows_per_shard: int = 16384            # rows per Zarr shard file = one unit of work
+    rows_per_chunk: int = 256              # rows per checksummed chunk inside a shard
     device: str = "auto"                   # "auto" = cuda when available, else cpu
     on_bad_image: Literal["skip", "strict"] = "skip"  # skip: count, log, mark row invalid
     prefetch_batches: int = 4              # decoded batches queued ahead of the teacher
@@ -61,31 +61,44 @@ class TeachConfig:
     summary_dir: str = "reports/teach"     # per-teacher run summary (forward passes, skips)
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
-    """Iterate ``items`` in a background thread, ``depth`` items ahead (decode overlaps compute)."""
+    """Iterate ``items`` in a background thread, ``depth`` items ahead (decode overlaps compute).
+
+    When the consumer stops early (an error, a closed generator) the thread is told to stop and
+    joined, so it does not linger holding open shards.
+    """
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    done = object()
+    done, stop = object(), threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def worker() -> None:
         try:
             for item in items:
-                q.put(item)
+                if not put(item):
+                    return
         except BaseException as exc:  # re-raised in the consumer
-            q.put(exc)
-        q.put(done)
+            put(exc)
+            return
+        put(done)
 
-    threading.Thread(target=worker, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    thread = threading.Thread(target=worker, daemon=True, name="teach-prefetch")
+    thread.start()
+    try:
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -133,7 +146,7 @@ def _pixel_batches(teacher: Any, manifest: Manifest, start: int, stop: int, cfg:
     Preprocessing (resize, crop, normalise) runs on ``pool`` when given: PIL and torch release
     the GIL, so threads keep a GPU teacher fed where one thread could not.
     """
-    handler = SkipCounter() if cfg.on_bad_image == "skip" else strict_handler
+    handler = make_handler(cfg.on_bad_image)
     has_image = "image" in teacher.modalities
 
     def prep(image: Any) -> torch.Tensor | None:
@@ -240,6 +253,7 @@ class TeachRun:
             modalities=sorted(self.teacher.modalities), embed_dim=int(self.teacher.embed_dim),
             logit_scale=float(self.teacher.logit_scale), n_images=manifest.n_images,
             n_texts=manifest.n_texts, rows_per_shard=self.cfg.rows_per_shard, skipped=[],
+            compute=self.teacher.compute_info(),  # device/autocast: informational only
         )
         return attrs
 
@@ -266,10 +280,11 @@ def _run_split(run: TeachRun, scratch: ScratchRun, split: str, advance: Callable
     manifest = run.manifests[split]
     path = scratch.staging / f"{split}.zarr"
     layout = Layout(run.cfg.rows_per_shard, run.cfg.rows_per_chunk)
-    if not (path / "zarr.json").exists():
-        create_teacher_store(path, n_images=manifest.n_images, n_texts=manifest.n_texts,
-                             embed_dim=int(run.teacher.embed_dim), modalities=run.teacher.modalities,
-                             attrs=run.store_attrs(split), layout=layout)
+    if not path.exists():
+        with creating(path) as tmp:
+            create_teacher_store(tmp, n_images=manifest.n_images, n_texts=manifest.n_texts,
+                                 embed_dim=int(run.teacher.embed_dim), modalities=run.teacher.modalities,
+                                 attrs=run.store_attrs(split), layout=layout)
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)
     for kind, n_rows in (("image", manifest.n_images), ("text", manifest.n_texts)):
         for start, stop in row_units(n_rows, run.cfg.rows_per_shard):
@@ -286,6 +301,7 @@ def _run_split(run: TeachRun, scratch: ScratchRun, split: str, advance: Callable
             else:
                 arrays = compute_text_unit(run.teacher, manifest, start, stop, run.cfg, advance)
             write_unit(group, start, stop, arrays)
+            os.sync()  # the unit's shard files reach the disk before its done marker does
             scratch.mark_done(unit, {"skipped": skipped})
             run.skipped.setdefault(split, []).extend(skipped)
             run.units_computed += 1
@@ -295,9 +311,9 @@ def _run_split(run: TeachRun, scratch: ScratchRun, split: str, advance: Callable
 def _finalise_store(group: zarr.Group, run: TeachRun, split: str) -> None:
     """Check every row was written, then record skips and mark the store complete."""
     for kind in ("image", "text"):
-        status = group[f"{kind}_status"][:]
-        if (status == 0).any():
-            raise CacheError(f"{group.store}: {int((status == 0).sum())} {kind} rows unwritten "
+        missing = unwritten_rows(group[f"{kind}_status"][:])
+        if missing.size:
+            raise CacheError(f"{group.store}: {missing.size} {kind} rows unwritten "
                              "after all units finished; the scratch directory is damaged: delete it and rerun")
     attrs = dict(group.attrs)
     attrs.update(skipped=sorted(run.skipped.get(split, []), key=lambda s: s["id"]), complete=True)
@@ -317,6 +333,7 @@ def run_teach(cfg: TeachConfig, name: str, teacher: Any, progress: bool | None =
         run.skipped.clear()
         run_fp = fingerprint({
             "teacher": run.teacher_fp, "layout": [cfg.rows_per_shard, cfg.rows_per_chunk],
+            "on_bad_image": cfg.on_bad_image,
             "datasets": {s: m.fingerprint for s, m in manifests.items()},
             "package": __version__,
         })

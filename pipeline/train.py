@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ import torch
 from torch import Tensor
 
 from pipeline.data.shards import Manifest, load_manifest
+from pipeline.devices import resolve_device
 from pipeline.errors import CacheError, PipelineError
 from pipeline.fingerprint import fingerprint
 from pipeline.loader import (DistillStream, LoaderState, SkipEvent, TeacherTargets, collate,
@@ -36,9 +39,10 @@ from pipeline.losses import (CombinedLoss, DistillBatch, LossTerm, build_objecti
 from pipeline.progress import progress_task
 from pipeline.students import Student, create_student, read_checkpoint, save_checkpoint
 
-# Training reads teacher outputs from caches only; no teacher is constructed in this stage.
-TEACHER_FORWARD_CALLS = 0
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on exp(logit_scale), applied to the parameter after each step
+
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class TrainRun:
     samples_seen: int = 0
     skipped: dict[str, str] = field(default_factory=dict)  # sample id -> reason
     skip_events: int = 0                                   # skips over all epochs
+    teacher_forward_calls: int = 0                         # measured; must stay 0
 
     @property
     def out(self) -> Path:
@@ -103,13 +108,6 @@ class TrainRun:
     @property
     def checkpoint_path(self) -> Path:
         return self.work / "last.safetensors"
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when a GPU is visible, else cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
@@ -151,7 +149,8 @@ def total_steps(cfg: TrainConfig, targets: TeacherTargets) -> int:
 def run_fingerprint(cfg: TrainConfig, manifest: Manifest, targets: TeacherTargets) -> str:
     """What a checkpoint must agree on to be resumed (steps may change: longer runs resume)."""
     keys = ("student", "student_kwargs", "losses", "batch_size", "lr", "weight_decay",
-            "warmup_steps", "grad_clip_norm", "seed", "shuffle_buffer", "augment", "on_bad_image")
+            "warmup_steps", "grad_clip_norm", "seed", "shuffle_buffer", "augment", "on_bad_image",
+            "num_workers")  # workers split the shards: another count is another sample order
     settings = {k: v for k, v in asdict(cfg).items() if k in keys}
     return fingerprint({"settings": settings, "dataset": manifest.fingerprint,
                         "teachers": sorted(targets.teacher_fingerprints.values())})
@@ -172,7 +171,7 @@ def setup(cfg: TrainConfig) -> TrainRun:
     """Open data and caches, build student, objective and optimizer (deterministic in seed)."""
     manifest = load_manifest(Path(cfg.dataset) / cfg.split)
     targets = open_targets(cfg.caches, manifest)
-    device = resolve_device(cfg.device)
+    device = torch.device(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
     student = create_student(cfg.student, **cfg.student_kwargs)
     objective = build_objective(cfg.losses, student.embed_dim, targets.dims)
@@ -260,14 +259,24 @@ def save_state(run: TrainRun) -> None:
     save_checkpoint(run.checkpoint_path, run.student, extra, run.student.spec())
 
 
+def teacher_forwards() -> int:
+    """Teacher forward passes run so far in this process (0 when no teacher module is loaded).
+
+    Read without importing the teachers: a training process that never loads them has run none.
+    """
+    base = sys.modules.get("pipeline.teachers.base")
+    return base.Teacher.total_forward_calls if base else 0
+
+
+def stale_checkpoint(run: TrainRun) -> str | None:
+    """The fingerprint of a scratch checkpoint made with other settings, data or teacher."""
+    found = read_checkpoint(run.checkpoint_path)[1].get("run_fingerprint")
+    return None if found == run.run_fingerprint else str(found)
+
+
 def restore_state(run: TrainRun) -> None:
-    """Load the scratch checkpoint into ``run``; refuse one from other settings."""
+    """Load the scratch checkpoint into ``run`` (its fingerprint was checked)."""
     tensors, meta = read_checkpoint(run.checkpoint_path)
-    if meta.get("run_fingerprint") != run.run_fingerprint:
-        raise PipelineError(
-            f"{run.checkpoint_path}: checkpoint was made with other settings, data or teacher "
-            f"(run fingerprint {meta.get('run_fingerprint')} != {run.run_fingerprint}); "
-            f"use another train.out_dir, delete {run.work}, or set train.resume: false")
     run.student.load_state_dict({k: v for k, v in tensors.items() if "/" not in k})
     prefix = "objective/"
     run.objective.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
@@ -365,11 +374,19 @@ def train(cfg: TrainConfig, progress: bool | None = None,
         (for time-boxed jobs and resume tests); the next call resumes from the last checkpoint.
     """
     t0 = time.perf_counter()
+    forwards_before = teacher_forwards()
     run = setup(cfg)
     resumed_from = None
+    discarded = None
     if cfg.resume and run.checkpoint_path.exists():
-        restore_state(run)
-        resumed_from = run.step
+        discarded = stale_checkpoint(run)
+        if discarded:  # an interrupted run of other settings: start afresh, as teach does
+            LOG.warning(f"{run.checkpoint_path} was made with other settings, data or teacher "
+                        f"(run {discarded}); starting a new run")
+            shutil.rmtree(run.work)
+        else:
+            restore_state(run)
+            resumed_from = run.step
     log = MetricsLog(run.work / "train_log.csv", log_columns(run.objective), run.step)
     start, t_loop = run.step, time.perf_counter()
     try:
@@ -378,11 +395,15 @@ def train(cfg: TrainConfig, progress: bool | None = None,
             last = _loop(run, log, advance, stop_after)
     finally:
         log.close()
+    run.teacher_forward_calls = teacher_forwards() - forwards_before
+    if run.teacher_forward_calls:  # targets must come from the caches alone
+        raise PipelineError(f"a teacher ran {run.teacher_forward_calls} forward passes during training")
     loop_seconds, seconds = time.perf_counter() - t_loop, time.perf_counter() - t0
     finished = run.step >= run.total_steps
     if finished:
         publish(run)
     summary = make_summary(run, last, resumed_from, run.step - start, seconds, loop_seconds, finished)
+    summary["discarded_checkpoint"] = discarded
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
@@ -408,7 +429,7 @@ def make_summary(run: TrainRun, last: dict[str, float], resumed_from: int | None
         "steps": run.step, "total_steps": run.total_steps, "resumed_from": resumed_from,
         "steps_this_run": steps_this_run, "epoch": run.loader_state.epoch,
         "samples_seen": run.samples_seen, "final_metrics": last,
-        "teacher_forward_calls": TEACHER_FORWARD_CALLS,
+        "teacher_forward_calls": run.teacher_forward_calls,
         "skipped_count": len(skipped), "skip_events": run.skip_events, "skipped": skipped[:1000],
         "tower_parameters": run.student.tower_parameters(), "device": str(run.device),
         "seconds": round(seconds, 3),

@@ -7,11 +7,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from pipeline.errors import PipelineError
 from pipeline.inspect import cache_info, verify_cache
 from rich.console import Console
 
-from stages.common import console, fail, print_json
+from stages.common import console, reported_errors, print_json
 
 out = Console(soft_wrap=True)  # stdout, long fingerprints unwrapped
 
@@ -23,10 +22,8 @@ PathArg = Annotated[Path, typer.Argument(help="A store, e.g. caches/demo_clip/tr
 def info(path: PathArg,
          as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False) -> None:
     """Arrays, shapes, dtypes, fingerprints, size on disk, valid/invalid row counts."""
-    try:
+    with reported_errors():
         data = cache_info(path)
-    except PipelineError as exc:
-        fail(exc)
     if as_json:
         print_json(data)
         return

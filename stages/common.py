@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from pipeline.errors import PipelineError
+from pipeline.registry import UnknownNameError
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameters file (params.yaml).")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress",
@@ -21,7 +24,16 @@ def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def fail(exc: PipelineError) -> None:
-    """Print a pipeline error without a traceback and exit non-zero."""
-    console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
-    raise typer.Exit(code=1)
+# Errors that are the user's to fix (bad input, config, a missing optional package): printed as
+# one clear message without a traceback. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (PipelineError, UnknownNameError, ImportError)
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn user errors raised inside the block into a message on stderr and exit code 1."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None

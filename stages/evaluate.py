@@ -4,14 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import load_section
-from pipeline.errors import PipelineError
 from pipeline.evaluate import EvalConfig, evaluate
-from stages.common import ParamsOpt, fail, print_json
+from stages.common import ParamsOpt, reported_errors, print_json
 
 
 def command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Score the student and its teacher (params section `evaluate`)."""
-    try:
+    with reported_errors():
         print_json(evaluate(load_section(EvalConfig, "evaluate", params)))
-    except PipelineError as exc:
-        fail(exc)

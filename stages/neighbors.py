@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.config import load_section
-from pipeline.errors import PipelineError
 from pipeline.neighbors import NeighborsConfig, run_neighbors
-from stages.common import ParamsOpt, ProgressOpt, fail, print_json
+from stages.common import ParamsOpt, ProgressOpt, reported_errors, print_json
 
 
 def command(
@@ -19,8 +18,6 @@ def command(
     progress: ProgressOpt = True,
 ) -> None:
     """Write <out_root>/NAME/<split>.zarr with *_topk_idx / *_topk_sim (params section `neighbors`)."""
-    try:
+    with reported_errors():
         cfg = load_section(NeighborsConfig, "neighbors", params)
         print_json(run_neighbors(cfg, name or cfg.teacher, progress))
-    except PipelineError as exc:
-        fail(exc)

@@ -5,13 +5,10 @@ from pathlib import Path
 
 from pipeline.config import load_section
 from pipeline.data.prepare import PrepareConfig, prepare
-from pipeline.errors import PipelineError
-from stages.common import ParamsOpt, fail, print_json
+from stages.common import ParamsOpt, reported_errors, print_json
 
 
 def command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Write <out>/{train,val,test}/*.tar and their manifests (params section `prepare`)."""
-    try:
+    with reported_errors():
         print_json(prepare(load_section(PrepareConfig, "prepare", params)))
-    except PipelineError as exc:
-        fail(exc)

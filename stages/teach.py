@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline.config import load_params, load_section
-from pipeline.errors import PipelineError
-from pipeline.teach import TeachConfig, TeacherEntry, resolve_device, run_teach
-from stages.common import ParamsOpt, ProgressOpt, console, fail, print_json
+from pipeline.devices import resolve_device
+from pipeline.teach import TeachConfig, TeacherEntry, run_teach
+from stages.common import ParamsOpt, ProgressOpt, console, reported_errors, print_json
 
 
 def command(
@@ -21,14 +21,12 @@ def command(
     """Cache one teacher's embeddings for every split (params sections `teach`, `teachers`)."""
     from pipeline.teachers import create_teacher  # here, so other stages never import teachers
 
-    try:
+    with reported_errors():
         data = load_params(params)
         cfg = load_section(TeachConfig, "teach", data)
         entry = load_section(TeacherEntry, f"teachers.{name}", data)
         teacher = create_teacher(entry.teacher, **entry.kwargs).to(resolve_device(device or cfg.device))
         summary = run_teach(cfg, name, teacher, progress=progress)
-    except PipelineError as exc:
-        fail(exc)
     if summary["skipped_count"]:
         console.print(f"[yellow]{summary['skipped_count']} undecodable image(s) skipped and marked "
                       f"invalid; ids in {cfg.summary_dir}/{name}.json[/]")

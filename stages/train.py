@@ -4,14 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import load_section
-from pipeline.errors import PipelineError
 from pipeline.train import TrainConfig, train
-from stages.common import ParamsOpt, fail, print_json
+from stages.common import ParamsOpt, reported_errors, print_json
 
 
 def command(params: ParamsOpt = Path("params.yaml")) -> None:
     """Train the student described by params section `train`."""
-    try:
+    with reported_errors():
         print_json(train(load_section(TrainConfig, "train", params)))
-    except PipelineError as exc:
-        fail(exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -48,16 +49,23 @@ def test_unknown_param_key_is_a_clean_error(make_dataset, tmp_path):
     assert "unknown key(s) ['batchsize']" in result.output and "batch_size" in result.output
 
 
-def test_unknown_teacher_lists_known_ones(tmp_path):
-    reg: Registry[object] = Registry("teacher")
+def test_unknown_teacher_lists_known_ones(make_dataset, tmp_path):
+    params = write_params(tmp_path / "params.yaml", make_dataset(), tmp_path)
+    data = yaml.safe_load(params.read_text())
+    data["teachers"]["tiny"]["teacher"] = "open_clipp"
+    params.write_text(yaml.safe_dump(data))
+    result = runner.invoke(app, ["teach", "tiny", "--params", str(params)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "unknown teacher 'open_clipp'; known: demo_clip, efficientnet_lite" in result.output
+
+
+def test_registry_refuses_duplicates_and_unknown_names():
+    reg: Registry[object] = Registry("loss")
     reg.register("a")(object)
-    reg.register("b")(object)
-    try:
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("a")(object)
+    with pytest.raises(UnknownNameError, match="unknown loss 'c'; known: a"):
         reg.create("c")
-    except UnknownNameError as exc:
-        assert str(exc) == "unknown teacher 'c'; known teachers: a, b"
-    else:  # pragma: no cover - the registry must refuse
-        raise AssertionError("unknown name accepted")
 
 
 def test_list_shows_registered_components():

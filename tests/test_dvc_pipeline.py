@@ -28,6 +28,7 @@ def tiny_params() -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"] = {"source": "folder", "src": "raw", "out": "data/tiny", "shard_size": 16,
                          "test_percent": 30, "val_percent": 10, "salt": "split-v1"}
+    params["distill_from"] = "tiny_clip"
     params["teachers"] = {"tiny_clip": {"teacher": "open_clip",
                                         "kwargs": {"model_cfg": TINY_CLIP_CFG, "pretrained": None}}}
     params["teach"].update(dataset="data/tiny", batch_size=16, rows_per_shard=32, rows_per_chunk=16)
@@ -98,6 +99,10 @@ def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
     params["train"]["lr"] = 0.001
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(run(["dvc", "repro"], project)) == {"train", "evaluate"}
+
+    params["teach"]["batch_size"] = 5  # does not change the cached arrays: no teacher reruns
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_run(run(["dvc", "repro"], project)) == set()
 
     remote = tmp_path / "remote"
     run(["dvc", "remote", "add", "-d", "local", str(remote)], project)

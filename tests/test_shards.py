@@ -212,3 +212,29 @@ def test_write_shards_atomic_and_deterministic(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="x.y"):
         write_shards(bad, tmp_path / "c", "train", 3)
     assert sorted(os.listdir(tmp_path / "c")) == ["train-000000.tar"]  # finished shard only
+
+
+def test_interoperates_with_webdataset(tmp_path: Path) -> None:
+    """Shards written by webdataset's TarWriter (as img2dataset does) read here, and ours read there."""
+    import webdataset as wds
+
+    from tests.conftest import shape_png
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    with wds.TarWriter(str(theirs / "00000.tar")) as sink:
+        for i in range(3):
+            sink.write({"__key__": f"{i:09d}", "jpg": shape_png("red", "circle", seed=i),
+                        "txt": f"caption {i}", "json": {"caption": f"caption {i}", "key": f"{i:09d}"}})
+    manifest = write_manifest(theirs)
+    samples = list(iter_samples(manifest))
+    assert [s.key for s in samples] == ["000000000", "000000001", "000000002"]
+    assert [s.captions for s in samples] == [("caption 0",), ("caption 1",), ("caption 2",)]
+    assert all(s.image is not None and s.image.size == (32, 32) for s in samples)
+
+    ours = tmp_path / "ours"
+    write_shards([{"__key__": f"k{i}", "png": shape_png("blue", "square", seed=i),
+                   "json": {"captions": [f"c{i}a", f"c{i}b"]}} for i in range(4)], ours, "s", 3)
+    read = list(wds.WebDataset([str(p) for p in sorted(ours.glob("*.tar"))], shardshuffle=False))
+    assert [r["__key__"] for r in read] == ["k0", "k1", "k2", "k3"]
+    assert json.loads(read[1]["json"])["captions"] == ["c1a", "c1b"]

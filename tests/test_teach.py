@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from pipeline.data.shards import SkipCounter, iter_samples, load_manifest
 from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError, SampleDecodeError
 from pipeline.inspect import cache_info, verify_cache
 from pipeline.neighbors import NeighborsConfig, open_neighbors, run_neighbors
-from pipeline.teach import TeachConfig, run_teach
+from pipeline.teach import TeachConfig, prefetch, run_teach
 
 
 def teach_cfg(root: Path, tmp_path: Path, **kw) -> TeachConfig:
@@ -149,16 +150,29 @@ def test_nan_output_is_refused_naming_samples(make_dataset, tiny_teacher, tmp_pa
     assert not (tmp_path / "caches/tiny").exists()
 
 
-def test_deleted_shard_is_caught_on_open_and_by_verify(make_dataset, tiny_teacher, tmp_path):
+@pytest.mark.parametrize("lost", ["image_emb/c/1/0", "image_status/c/1", "text_emb/c/2/0"])
+def test_deleted_shard_is_caught_on_open_and_by_verify(make_dataset, tiny_teacher, tmp_path, lost):
     root = make_dataset(n_train=20)
     run_teach(teach_cfg(root, tmp_path), "tiny", tiny_teacher, progress=False)
     store = tmp_path / "caches/tiny/train.zarr"
-    (store / "image_emb/c/1/0").unlink()  # the second shard of rows, as DVC or a user might lose it
-    (store / "image_status/c/1").unlink()
+    assert verify_cache(store).ok
+    (store / lost).unlink()  # one shard file of one array, as a sync tool or a user might lose it
     report = verify_cache(store)
-    assert not report.ok and any("never written" in f for f in report.faults)
-    with pytest.raises(CacheError, match="never written"):
+    assert not report.ok and any(lost.split("/")[0] in f for f in report.faults)
+    with pytest.raises(CacheError, match="never written or read back as fill values"):
         TeacherCache.open(store)
+
+
+def test_deleted_neighbour_shard_is_refused(tmp_path):
+    random_cache(tmp_path / "caches/tiny/train.zarr", n_img=20, captions=1, dim=8)
+    cfg = NeighborsConfig(teacher="tiny", k=3, cache_root=str(tmp_path / "caches"),
+                          out_root=str(tmp_path / "nn"), rows_per_shard=8)
+    run_neighbors(cfg, "tiny", progress=False)
+    store = tmp_path / "nn/tiny/train.zarr"
+    (store / "i2i_topk_sim/c/1/0").unlink()
+    assert not verify_cache(store).ok
+    with pytest.raises(CacheError, match="i2i_topk_sim"):
+        open_neighbors(store)
 
 
 def brute_topk(q: np.ndarray, k_emb: np.ndarray, k: int, exclude: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -235,3 +249,29 @@ def test_preprocess_threads_give_identical_cache(make_dataset, tiny_teacher, tmp
     run_teach(teach_cfg(root, tmp_path, out_root=str(tmp_path / "b"), preprocess_workers=3),
               "tiny", tiny_teacher, progress=False)
     assert tree_digest(tmp_path / "a/tiny") == tree_digest(tmp_path / "b/tiny")
+
+
+def test_prefetch_thread_stops_with_its_consumer():
+    produced: list[int] = []
+
+    def items():
+        for i in range(10_000):
+            produced.append(i)
+            yield i
+
+    stream = prefetch(items(), depth=2)
+    assert next(stream) == 0
+    stream.close()  # the consumer gives up (as when the teacher raises)
+    assert not any(t.name == "teach-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert len(produced) < 10
+
+
+def test_prefetch_reraises_producer_errors():
+    def items():
+        yield 1
+        raise ValueError("bad shard")
+
+    stream = prefetch(items(), depth=2)
+    assert next(stream) == 1
+    with pytest.raises(ValueError, match="bad shard"):
+        next(stream)

@@ -207,11 +207,17 @@ def test_resume_matches_straight_run(toy, tmp_path):
     assert resumed["skipped_count"] == straight["skipped_count"] == 1
 
 
-def test_resume_refuses_other_settings(toy, tmp_path):
+def test_checkpoint_of_other_settings_is_discarded(toy, tmp_path, caplog):
+    """An interrupted run's state never leaks into a run with other settings (nor blocks it)."""
     out = tmp_path / "run"
     train(_cfg(toy, out, steps=6, checkpoint_every=2), progress=False, stop_after=3)
-    with pytest.raises(PipelineError, match="other settings"):
-        train(_cfg(toy, out, steps=6, checkpoint_every=2, lr=1e-2), progress=False)
+    fresh = train(_cfg(toy, out, steps=6, checkpoint_every=2, lr=1e-2), progress=False)
+    assert fresh["resumed_from"] is None and fresh["discarded_checkpoint"].startswith("sha256:")
+    assert "other settings" in caplog.text
+    reference = train(_cfg(toy, tmp_path / "ref", steps=6, checkpoint_every=2, lr=1e-2), progress=False)
+    a = load_file(str(out / "student.safetensors"))
+    b = load_file(str(tmp_path / "ref" / "student.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_finished_run_does_not_block_new_settings(toy, tmp_path):
@@ -266,3 +272,21 @@ def test_cross_modal_loss_needs_one_teacher_for_both_modalities(toy, tmp_path):
 def test_strict_policy_stops_on_undecodable_image(toy, tmp_path):
     with pytest.raises(SampleDecodeError, match=BROKEN_KEY):
         train(_cfg(toy, tmp_path, on_bad_image="strict", steps=2), progress=False)
+
+
+def test_a_teacher_forward_during_training_is_caught(toy, tmp_path, tiny_teacher):
+    """The zero-forward guarantee is measured: a loss that secretly runs a teacher fails the run."""
+    from pipeline.losses import LOSSES, ContrastiveLoss
+
+    class OnlineTeacherLoss(ContrastiveLoss):
+        def forward(self, batch):
+            tiny_teacher.encode_texts(["a red circle"])  # what online distillation would do
+            return super().forward(batch)
+
+    LOSSES.register("online_teacher_probe")(lambda: OnlineTeacherLoss())
+    try:
+        cfg = _cfg(toy, tmp_path / "run", steps=2, losses=(LossTerm("online_teacher_probe"),))
+        with pytest.raises(PipelineError, match="a teacher ran 2 forward passes"):
+            train(cfg, progress=False)
+    finally:
+        del LOSSES._factories["online_teacher_probe"]

@@ -42,6 +42,7 @@ from typing import Any, Literal
 
 from pipeline.data.shards import IMAGE_EXTS, iter_raw, load_manifest, write_manifest, write_shards
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.scratch import replace_dir
 
 SPLITS = ("train", "val", "test")
 
@@ -99,7 +100,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     try:
         summary = {split: _write_split(rows, tmp / split, split, cfg.shard_size)
                    for split, rows in by_split.items()}
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"source": cfg.source, "out": str(out), "n_images": len(samples),
@@ -125,15 +126,6 @@ def _check_samples(samples: list[RawSample]) -> None:
     for s in samples:
         if not s.captions:
             raise PipelineError(f"source sample {s.source_id!r} has no caption")
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Put ``new`` at ``dest``; the old ``dest`` is removed only after the rename succeeded."""
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(new, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- writing

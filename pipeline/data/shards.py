@@ -39,6 +39,7 @@ from PIL import Image
 from pipeline.errors import SampleDecodeError, ShardError
 from pipeline.fingerprint import fingerprint as _fingerprint
 from pipeline.fingerprint import sha256_file
+from pipeline.scratch import write_durable
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA = "vlm-distill.shard-manifest"
@@ -454,7 +455,7 @@ def write_manifest(root: Path | str) -> Manifest:
     """Build the manifest of ``root`` and write ``root/manifest.json`` atomically."""
     manifest = build_manifest(root)
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write_bytes(Path(root) / MANIFEST_NAME, text.encode())
+    write_durable(Path(root) / MANIFEST_NAME, text)
     return manifest
 
 
@@ -493,15 +494,6 @@ def _check_shard_files(manifest: Manifest, rehash: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _member_payloads(sample: dict[str, Any]) -> list[tuple[str, bytes]]:

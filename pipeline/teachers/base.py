@@ -106,6 +106,9 @@ class Teacher(torch.nn.Module):
         self.amp = amp
         self.forward_calls = 0
 
+    # Forward passes of every teacher in this process: training reads it to prove it ran none.
+    total_forward_calls = 0
+
     # ----------------------------------------------------------------- freezing
     def freeze(self) -> "Teacher":
         """Eval mode and no gradients for every parameter; call at the end of ``__init__``."""
@@ -160,7 +163,7 @@ class Teacher(torch.nn.Module):
         self._require("image")
         if pixels.shape[0] == 0:  # nothing to run: no forward call is counted
             return torch.empty(0, self.embed_dim)
-        self.forward_calls += 1
+        self._count_forward()
         with self._encoding():
             return self._finish(self._embed_images(pixels.to(self.device)))
 
@@ -169,9 +172,13 @@ class Teacher(torch.nn.Module):
         self._require("text")
         if len(texts) == 0:
             return torch.empty(0, self.embed_dim)
-        self.forward_calls += 1
+        self._count_forward()
         with self._encoding():
             return self._finish(self._embed_texts(list(texts)))
+
+    def _count_forward(self) -> None:
+        self.forward_calls += 1
+        Teacher.total_forward_calls += 1
 
     def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -212,6 +219,13 @@ class Teacher(torch.nn.Module):
         }
         fields.update(self._fingerprint_fields())
         return fields
+
+    def compute_info(self) -> dict[str, str]:
+        """Where and in which precision embeddings are computed. Recorded in caches for the
+        record but kept out of the fingerprint: autocast changes the last bits, not the meaning."""
+        dtype = autocast_dtype(self.device) if self.amp else None
+        return {"device": self.device.type, "torch": torch.__version__,
+                "autocast": str(dtype).replace("torch.", "") if dtype else "none"}
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, modalities={sorted(self.modalities)}, "
