@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc repro
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" dvc metrics show
+	@sed -n '/^## Retrieval quality/,/^## Efficiency/p' reports/eval/report.md | sed '$$d'
+	@echo "Full report: reports/eval/report.md  (also: dvc metrics show, dvc plots show)"
 
 test: venv
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q
