@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -258,7 +259,8 @@ def test_no_teacher_is_imported(toy, tmp_path):
         "assert not any(m.startswith('pipeline.teach') for m in sys.modules), sorted(sys.modules)\n"
         "print('ok', summary['steps'])\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ok", "2"]
 
