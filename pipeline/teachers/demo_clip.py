@@ -109,6 +109,7 @@ class DemoClipTeacher(Teacher):
             "pretrained": f"{EFFICIENTNET_LITE0_LABEL}+{text_fp['pretrained']}",
             "text_weights_sha256": text_fp["weights_sha256"],
             "text_preprocess": text_fp["preprocess"],
+            "text_tokenizer_sha256": text_fp["tokenizer_sha256"],
             "class_names_sha256": self._names_hash,
         }
 

@@ -1,6 +1,8 @@
 """Text-only teachers from Hugging Face transformers (sentence-embedding encoders)."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -112,7 +114,17 @@ class HFTextTeacher(Teacher):
             "pretrained": self._label,
             # a hub id is pinned by its commit; a local directory by the weights hash above
             "revision": getattr(self.encoder.config, "_commit_hash", None),
+            "tokenizer_sha256": self._tokenizer_digest,
         }
+
+    @functools.cached_property
+    def _tokenizer_digest(self) -> str:
+        """sha256 of the tokenizer's full definition (vocabulary, normaliser, special tokens):
+        the same weights behind another tokenizer give other embeddings."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        text = backend.to_str() if backend is not None else json.dumps(
+            self.tokenizer.get_vocab(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 @TEACHERS.register("hf_text")
