@@ -230,6 +230,19 @@ def base_attrs(schema: str) -> dict[str, Any]:
             "created": created_timestamp(), "complete": False}
 
 
+def teacher_store_attrs(teacher: dict[str, Any], dataset_fingerprint: str, split: str,
+                        modalities: frozenset[str], embed_dim: int, logit_scale: float,
+                        n_images: int, n_texts: int, layout: Layout, **extra: Any) -> dict[str, Any]:
+    """Root attributes of a new (still incomplete) teacher store; ``teacher`` is its fingerprint dict."""
+    from pipeline.fingerprint import fingerprint
+
+    return base_attrs("vlm-distill/teacher-cache") | dict(
+        teacher=teacher, teacher_fingerprint=fingerprint(teacher), dataset_fingerprint=dataset_fingerprint,
+        split=split, modalities=sorted(modalities), embed_dim=int(embed_dim),
+        logit_scale=float(logit_scale), n_images=n_images, n_texts=n_texts,
+        rows_per_shard=layout.rows_per_shard, skipped=[], **extra)
+
+
 def write_cache_from_arrays(
     path: str | Path, *, image_ids: np.ndarray, text_ids: np.ndarray, text_to_image: np.ndarray,
     teacher: dict[str, Any], dataset_fingerprint: str, split: str, logit_scale: float,
@@ -241,16 +254,12 @@ def write_cache_from_arrays(
 
     ``teacher`` is the teacher's fingerprint dict; statuses default to all valid.
     """
-    from pipeline.fingerprint import fingerprint
-
     path = Path(path)
     modalities = frozenset(k for k, e in (("image", image_emb), ("text", text_emb)) if e is not None)
     embed_dim = next(e.shape[1] for e in (image_emb, text_emb) if e is not None)
     n_img, n_txt = len(image_ids), len(text_ids)
-    attrs = base_attrs("vlm-distill/teacher-cache") | dict(
-        teacher=teacher, teacher_fingerprint=fingerprint(teacher), dataset_fingerprint=dataset_fingerprint,
-        split=split, modalities=sorted(modalities), embed_dim=int(embed_dim), logit_scale=float(logit_scale),
-        n_images=n_img, n_texts=n_txt, rows_per_shard=layout.rows_per_shard, skipped=[])
+    attrs = teacher_store_attrs(teacher, dataset_fingerprint, split, modalities, embed_dim, logit_scale,
+                                n_img, n_txt, layout)
     group = create_teacher_store(path, n_images=n_img, n_texts=n_txt, embed_dim=int(embed_dim),
                                  modalities=modalities, attrs=attrs, layout=layout)
     columns = {

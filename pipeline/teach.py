@@ -25,8 +25,8 @@ import torch
 import zarr
 
 from pipeline import __version__
-from pipeline.cache import (ROW_INVALID, ROW_VALID, Layout, base_attrs, create_teacher_store,
-                            row_units, unwritten_rows, validate_attrs, write_unit)
+from pipeline.cache import (ROW_INVALID, ROW_VALID, Layout, create_teacher_store, row_units,
+                            teacher_store_attrs, unwritten_rows, validate_attrs, write_unit)
 from pipeline.data.shards import Manifest, iter_samples, load_manifest, make_handler
 from pipeline.errors import CacheError, PipelineError
 from pipeline.fingerprint import fingerprint
@@ -245,17 +245,16 @@ class TeachRun:
         return Path(self.cfg.out_root) / self.name
 
     def store_attrs(self, split: str) -> dict[str, Any]:
-        manifest = self.manifests[split]
-        attrs = base_attrs("vlm-distill/teacher-cache")
-        attrs.update(
-            teacher=self.teacher_fp, teacher_fingerprint=fingerprint(self.teacher_fp),
-            dataset_fingerprint=manifest.fingerprint, split=split,
-            modalities=sorted(self.teacher.modalities), embed_dim=int(self.teacher.embed_dim),
-            logit_scale=float(self.teacher.logit_scale), n_images=manifest.n_images,
-            n_texts=manifest.n_texts, rows_per_shard=self.cfg.rows_per_shard, skipped=[],
-            compute=self.teacher.compute_info(),  # device/autocast: informational only
+        manifest, teacher = self.manifests[split], self.teacher
+        return teacher_store_attrs(
+            self.teacher_fp, manifest.fingerprint, split, teacher.modalities, teacher.embed_dim,
+            teacher.logit_scale, manifest.n_images, manifest.n_texts, self.layout,
+            compute=teacher.compute_info(),  # device/autocast: informational only
         )
-        return attrs
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.cfg.rows_per_shard, self.cfg.rows_per_chunk)
 
 
 def cache_is_current(out: Path, run: TeachRun) -> bool:
@@ -279,12 +278,11 @@ def _run_split(run: TeachRun, scratch: ScratchRun, split: str, advance: Callable
     """Compute every unfinished unit of one split into its staging store."""
     manifest = run.manifests[split]
     path = scratch.staging / f"{split}.zarr"
-    layout = Layout(run.cfg.rows_per_shard, run.cfg.rows_per_chunk)
     if not path.exists():
         with creating(path) as tmp:
             create_teacher_store(tmp, n_images=manifest.n_images, n_texts=manifest.n_texts,
                                  embed_dim=int(run.teacher.embed_dim), modalities=run.teacher.modalities,
-                                 attrs=run.store_attrs(split), layout=layout)
+                                 attrs=run.store_attrs(split), layout=run.layout)
     group = zarr.open_group(str(path), mode="r+", zarr_format=3)
     for kind, n_rows in (("image", manifest.n_images), ("text", manifest.n_texts)):
         for start, stop in row_units(n_rows, run.cfg.rows_per_shard):

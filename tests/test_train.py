@@ -17,10 +17,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.cache import ROW_INVALID, ROW_VALID, base_attrs, create_teacher_store, write_unit
+from pipeline.cache import ROW_INVALID, ROW_VALID, write_cache_from_arrays
 from pipeline.data.shards import iter_samples, load_manifest, write_manifest, write_shards
 from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError, SampleDecodeError
-from pipeline.fingerprint import fingerprint
 from pipeline.loader import DistillStream, LoaderState, TrainItem, iter_batches, open_targets
 from pipeline.losses import LossTerm
 from pipeline.students import load_student
@@ -70,25 +69,14 @@ def write_cache(path: Path, manifest, modalities=("image", "text"), dataset_fp: 
     text_rows = [(i, f"{s.sample_id}#{c}", s.label)
                  for i, s in enumerate(rows) for c in range(len(s.captions))]
     status = np.array([ROW_INVALID if s.key == BROKEN_KEY else ROW_VALID for s in rows], np.uint8)
-    attrs = base_attrs("vlm-distill/teacher-cache")
-    attrs.update(teacher={"teacher": "toy"}, teacher_fingerprint=fingerprint({"teacher": "toy"}),
-                 dataset_fingerprint=dataset_fp or manifest.fingerprint, split="train",
-                 modalities=list(modalities), embed_dim=TEACHER_DIM, logit_scale=logit_scale,
-                 n_images=len(rows), n_texts=len(text_rows), rows_per_shard=1024, skipped=[])
-    group = create_teacher_store(path, n_images=len(rows), n_texts=len(text_rows),
-                                 embed_dim=TEACHER_DIM, modalities=frozenset(modalities), attrs=attrs)
-    image_arrays = {"image_id": np.array([s.sample_id for s in rows]), "image_status": status}
-    text_arrays = {"text_id": np.array([t[1] for t in text_rows]),
-                   "text_to_image": np.array([t[0] for t in text_rows], np.int32),
-                   "text_status": np.full(len(text_rows), ROW_VALID, np.uint8)}
-    if "image" in modalities:
-        image_arrays["image_emb"] = image_emb.astype(np.float16)
-    if "text" in modalities:
-        text_arrays["text_emb"] = np.stack([code(t[2]) for t in text_rows]).astype(np.float16)
-    write_unit(group, 0, len(rows), image_arrays)
-    write_unit(group, 0, len(text_rows), text_arrays)
-    group.attrs.update({**attrs, "complete": True})
-    return path
+    text_emb = np.stack([code(t[2]) for t in text_rows])
+    return write_cache_from_arrays(
+        path, image_ids=np.array([s.sample_id for s in rows]),
+        text_ids=np.array([t[1] for t in text_rows]), text_to_image=np.array([t[0] for t in text_rows]),
+        teacher={"teacher": "toy"}, dataset_fingerprint=dataset_fp or manifest.fingerprint,
+        split="train", logit_scale=logit_scale, image_status=status,
+        image_emb=image_emb if "image" in modalities else None,
+        text_emb=text_emb if "text" in modalities else None)
 
 
 @pytest.fixture(scope="module")
