@@ -9,10 +9,13 @@ zstd-compressed and carry a crc32c checksum, and so does each shard index.
 Row status arrays say what each row holds: 0 = never written, 1 = valid, 2 = invalid (the
 sample's image could not be decoded; the row holds zeros and must not be used). A missing shard
 file reads back as fill values without any error, so fill values are chosen to be caught: status
-0 (never written) and NaN embeddings, which a valid row can never hold.
+0 (never written) and NaN embeddings, which a valid row can never hold. Every chunk is written,
+even one equal to the fill value, so every shard file must exist: opening a store checks that
+none is missing or empty, and reading any chunk checks its crc32c.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -85,8 +88,12 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: An
     tail = tuple(shape[1:])
     return group.create_array(
         name, shape=shape, dtype=dtype, shards=(rows, *tail), chunks=(chunk_rows, *tail),
-        compressors=_codecs(layout), fill_value=fill_value,
+        compressors=_codecs(layout), fill_value=fill_value, config=_WRITE_ALL,
     )
+
+
+# Write chunks equal to the fill value too: then a missing shard file is always a fault.
+_WRITE_ALL = {"write_empty_chunks": True}
 
 
 def create_teacher_store(path: Path, *, n_images: int, n_texts: int, embed_dim: int,
@@ -115,7 +122,7 @@ def row_units(n_rows: int, rows_per_shard: int) -> list[tuple[int, int]]:
 def write_unit(group: zarr.Group, start: int, stop: int, arrays: dict[str, np.ndarray]) -> None:
     """Write rows ``[start, stop)`` of several arrays; the range must be one whole shard."""
     for name, values in arrays.items():
-        arr = group[name]
+        arr = group[name].with_config(_WRITE_ALL)  # the setting is not stored with the array
         rows = arr.shards[0] if arr.shards else arr.chunks[0]
         if start % rows or (stop != arr.shape[0] and stop - start != rows):
             raise ValueError(f"{name}: rows [{start}, {stop}) are not one whole shard of {rows} rows")
@@ -124,7 +131,9 @@ def write_unit(group: zarr.Group, start: int, stop: int, arrays: dict[str, np.nd
         arr[start:stop] = values
 
 
-def _check_fingerprint(what: str, path: Path, expected: str | None, found: str, hint: str) -> None:
+def check_fingerprint(what: str, path: Path, expected: str | None, found: str, hint: str) -> None:
+    """Refuse a store whose ``what`` fingerprint is not ``expected`` (None: no expectation),
+    printing both."""
     if expected is not None and expected != found:
         raise FingerprintMismatchError(what, str(path), expected, found, hint)
 
@@ -144,11 +153,11 @@ class TeacherCache:
         self.modalities = frozenset(self.attrs["modalities"])
         self.dataset_fingerprint: str = self.attrs["dataset_fingerprint"]
         self.teacher_fingerprint: str = self.attrs["teacher_fingerprint"]
-        self.image_ids = read_strings(group["image_id"])
-        self.text_ids = read_strings(group["text_id"])
-        self.text_to_image = np.asarray(group["text_to_image"][:], dtype=np.int32)
-        self.image_status = np.asarray(group["image_status"][:])
-        self.text_status = np.asarray(group["text_status"][:])
+        self.image_ids = read_strings(read_array(group, "image_id", path))
+        self.text_ids = read_strings(read_array(group, "text_id", path))
+        self.text_to_image = read_array(group, "text_to_image", path).astype(np.int32)
+        self.image_status = read_array(group, "image_status", path)
+        self.text_status = read_array(group, "text_status", path)
         self.image_valid = self.image_status == ROW_VALID
         self.text_valid = self.text_status == ROW_VALID
         self.image_emb = self._load_emb(group, "image")
@@ -157,18 +166,24 @@ class TeacherCache:
     def _load_emb(self, group: zarr.Group, kind: Kind) -> np.ndarray | None:
         if kind not in self.modalities:
             return None
-        return np.asarray(group[f"{kind}_emb"][:], dtype=np.float32)
+        return read_array(group, f"{kind}_emb", self.path).astype(np.float32)
 
     @classmethod
     def open(cls, path: str | Path, expect_dataset: str | None = None,
              expect_teacher: str | None = None) -> "TeacherCache":
-        """Open and check a cache; refuse one built from another dataset or teacher."""
+        """Open and check a cache; refuse one built from another dataset or teacher.
+
+        The cheap checks of ``distill cache verify`` run here: schema, completeness, fingerprints,
+        array layout, every shard file present, no unwritten row, finite valid rows; the arrays
+        are read in full, so every chunk's checksum is checked too.
+        """
         path = Path(path)
         group = open_group_checked(path, "teacher-cache.v1")
         attrs = dict(group.attrs)
         hint = "rebuild it with `distill teach` (or `dvc repro`), or point to the right cache"
-        _check_fingerprint("dataset", path, expect_dataset, attrs["dataset_fingerprint"], hint)
-        _check_fingerprint("teacher", path, expect_teacher, attrs["teacher_fingerprint"], hint)
+        check_fingerprint("dataset", path, expect_dataset, attrs["dataset_fingerprint"], hint)
+        check_fingerprint("teacher", path, expect_teacher, attrs["teacher_fingerprint"], hint)
+        raise_faults(path, structure_faults(path, group))
         cache = cls(path, group)
         cache._check_rows()
         return cache
@@ -184,6 +199,10 @@ class TeacherCache:
                     "run did not finish. Run `distill cache verify` for details; restore the store "
                     "with `dvc checkout`/`dvc pull` or rebuild it with `distill teach`."
                 )
+            unknown = np.flatnonzero(~np.isin(status, (ROW_MISSING, ROW_VALID, ROW_INVALID)))
+            if unknown.size:
+                raise CacheError(f"{self.path}: {kind}_status holds unknown values at rows "
+                                 f"{unknown[:5].tolist()}; the store is damaged: rebuild it")
 
     def image_row(self) -> dict[str, int]:
         """Stable sample id → image row."""
@@ -202,9 +221,40 @@ def unwritten_rows(status: np.ndarray, emb: np.ndarray | None = None) -> np.ndar
     return np.flatnonzero(bad)
 
 
-def read_strings(arr: zarr.Array) -> np.ndarray:
+def read_strings(arr: zarr.Array | np.ndarray) -> np.ndarray:
     """A string array as a fixed-width numpy ``str`` array (zarr returns numpy's StringDType)."""
-    return np.array(arr[:].tolist(), dtype=str)
+    values = arr[:] if isinstance(arr, zarr.Array) else arr
+    return np.array(values.tolist(), dtype=str)
+
+
+def read_array(group: zarr.Group, name: str, path: Path | str) -> np.ndarray:
+    """All of array ``name``; a chunk that fails its checksum or cannot be decoded is a
+    :class:`CacheError` naming the array (zarr raises a bare ``ValueError``)."""
+    try:
+        return np.asarray(group[name][:])
+    except (ValueError, RuntimeError, OSError, KeyError) as exc:
+        raise CacheError(
+            f"{path}: array {name} cannot be read ({type(exc).__name__}: {exc}): a shard file is "
+            "damaged. Run `distill cache verify` for details; restore the store with `dvc "
+            "checkout`/`dvc pull` or rebuild it with the stage that made it."
+        ) from None
+
+
+def schema_name_of(attrs: dict[str, Any]) -> str:
+    """Schema file name of a store's attributes: ``vlm-distill/neighbors`` v1 -> ``neighbors.v1``."""
+    return f"{str(attrs.get('schema', '?')).rsplit('/', 1)[-1]}.v{attrs.get('schema_version', '?')}"
+
+
+def check_schema_id(attrs: dict[str, Any], schema_name: str, path: Path | str) -> None:
+    """Refuse a store of another schema or schema version, printing both."""
+    props = load_schema(schema_name)["properties"]
+    expected = f"{props['schema']['const']} v{props['schema_version']['const']}"
+    found = f"{attrs.get('schema')} v{attrs.get('schema_version')}"
+    if expected != found:
+        raise FingerprintMismatchError(
+            "schema", str(path), expected, found,
+            f"the store was written by vlm-distill {attrs.get('package_version', '?')} with "
+            "another layout; rebuild it with this version (`dvc repro`), or read it with that one")
 
 
 def open_group_checked(path: Path, schema_name: str) -> zarr.Group:
@@ -213,10 +263,95 @@ def open_group_checked(path: Path, schema_name: str) -> zarr.Group:
         raise CacheError(f"{path}: no Zarr store here (missing zarr.json); run the stage that makes it")
     group = zarr.open_group(str(path), mode="r", zarr_format=3)
     attrs = dict(group.attrs)
+    check_schema_id(attrs, schema_name, path)
     validate_attrs(attrs, schema_name, str(path))
     if not attrs.get("complete"):
         raise CacheError(f"{path}: the store is marked incomplete; rerun the stage to finish it")
     return group
+
+
+def shard_keys(arr: zarr.Array) -> list[str]:
+    """Store keys of every shard file of ``arr`` (``c/0/0``...)."""
+    grid = arr.metadata.chunk_grid.chunk_shape
+    counts = [-(-n // g) for n, g in zip(arr.shape, grid)]
+    return [arr.metadata.encode_chunk_key(c) for c in itertools.product(*map(range, counts))]
+
+
+def shard_file_faults(path: Path, group: zarr.Group) -> list[str]:
+    """Shard files that are missing or empty: Zarr reads both back as fill values, silently."""
+    faults = []
+    for name, arr in sorted(group.arrays()):
+        for key in shard_keys(arr):
+            try:
+                empty = (path / name / key).stat().st_size == 0
+            except FileNotFoundError:
+                faults.append(f"{name}: shard file {name}/{key} is missing")
+                continue
+            if empty:
+                faults.append(f"{name}: shard file {name}/{key} is empty")
+    return faults
+
+
+def expected_arrays(attrs: dict[str, Any]) -> dict[str, tuple[str, tuple[int | None, ...]]]:
+    """Array name -> (dtype, shape; None where the attributes do not fix it), from the schema's
+    ``arrays`` section and the store's attributes (modalities, row counts, width, k)."""
+    out: dict[str, tuple[str, tuple[int | None, ...]]] = {}
+    for name, spec in load_schema(schema_name_of(attrs)).get("arrays", {}).items():
+        if spec.get("modality") and spec["modality"] not in attrs.get("modalities", []):
+            continue
+        rows = attrs.get(spec["rows"]) if "rows" in spec else None
+        width = attrs.get("k", attrs.get("embed_dim"))
+        shape = (rows, width)[:spec.get("ndim", 1)]
+        names = ([name.format(direction=d) for d in attrs.get("directions", [])]
+                 if "{direction}" in name else [name])
+        out.update({n: (spec["dtype"], shape) for n in names})
+    return out
+
+
+def layout_faults(attrs: dict[str, Any], group: zarr.Group) -> list[str]:
+    """Arrays the schema requires that are missing, or whose dtype or shape is wrong."""
+    faults = []
+    for name, (dtype, shape) in expected_arrays(attrs).items():
+        if name not in group:
+            faults.append(f"{name}: array missing")
+            continue
+        arr = group[name]
+        kind_ok = arr.dtype.kind in "TUO" if dtype == "str" else arr.dtype == np.dtype(dtype)
+        shape_ok = len(arr.shape) == len(shape) and all(
+            e is None or e == f for e, f in zip(shape, arr.shape))
+        if not (kind_ok and shape_ok):
+            want = tuple("*" if e is None else e for e in shape)
+            faults.append(f"{name}: {arr.dtype} {tuple(arr.shape)}, expected {dtype} {want}")
+    return faults
+
+
+def fingerprint_faults(attrs: dict[str, Any]) -> list[str]:
+    """The recorded teacher fingerprint must be the hash of the recorded teacher fields."""
+    from pipeline.fingerprint import fingerprint
+
+    if "teacher" not in attrs or "teacher_fingerprint" not in attrs:
+        return []
+    actual = fingerprint(attrs["teacher"])
+    if actual != attrs["teacher_fingerprint"]:
+        return [f"teacher_fingerprint {attrs['teacher_fingerprint']} is not the hash of the "
+                f"recorded teacher fields ({actual}): the attributes were edited"]
+    return []
+
+
+def structure_faults(path: Path, group: zarr.Group) -> list[str]:
+    """The cheap checks of a store's structure: fingerprints, array layout, shard files."""
+    attrs = dict(group.attrs)
+    return fingerprint_faults(attrs) + layout_faults(attrs, group) + shard_file_faults(path, group)
+
+
+def raise_faults(path: Path, faults: list[str]) -> None:
+    """Refuse a store with faults, listing the first ones and what to do."""
+    if faults:
+        shown = "; ".join(faults[:5]) + (f"; and {len(faults) - 5} more" if len(faults) > 5 else "")
+        raise CacheError(
+            f"{path}: {len(faults)} fault(s): {shown}. Reading it would give fill values instead "
+            "of data, so it is refused. Run `distill cache verify` for the full report; restore "
+            "the store with `dvc checkout`/`dvc pull` or rebuild it with the stage that made it.")
 
 
 def store_nbytes(path: Path) -> int:

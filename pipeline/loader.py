@@ -21,89 +21,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.cache import TeacherCache
-from pipeline.data.shards import Manifest, iter_samples, make_handler
+from pipeline.data.shards import Manifest, RandomAccess, iter_samples, make_handler
 from pipeline.errors import CacheError, PipelineError
+from pipeline.targets import TeacherTargets, open_targets  # noqa: F401 (re-exported)
 
 
 def derive_seed(*parts: Any) -> int:
     """A 64-bit seed that depends only on ``parts`` (stable across processes and runs)."""
     digest = hashlib.sha256(json.dumps(parts, default=str).encode()).digest()
     return int.from_bytes(digest[:8], "little")
-
-
-@dataclass
-class TeacherTargets:
-    """Teacher embeddings and row lookups merged from one or more caches of one dataset split.
-
-    Each modality comes from the first listed cache holding it; a row is usable only if every
-    cache marks it valid.
-    """
-
-    paths: tuple[str, ...]
-    image_emb: np.ndarray | None
-    text_emb: np.ndarray | None
-    logit_scale: float | None
-    image_rows: dict[str, int]
-    text_rows: dict[str, int]
-    text_to_image: np.ndarray
-    image_valid: np.ndarray
-    text_valid: np.ndarray
-    sources: dict[str, str]                # cache field -> path of the cache providing it
-    teacher_fingerprints: dict[str, str]   # path -> teacher fingerprint
-
-    @property
-    def available(self) -> set[str]:
-        """Cache fields present (what ``DistillLoss.requires`` is checked against)."""
-        return set(self.sources)
-
-    @property
-    def dims(self) -> dict[str, int]:
-        """Teacher embedding width per modality."""
-        arrays = {"image": self.image_emb, "text": self.text_emb}
-        return {m: a.shape[1] for m, a in arrays.items() if a is not None}
-
-    @property
-    def paired(self) -> bool:
-        """Whether image and text embeddings come from one teacher (one embedding space)."""
-        return self.sources.get("image_emb") is not None and \
-            self.sources.get("image_emb") == self.sources.get("text_emb")
-
-    def usable_images(self) -> int:
-        """Images that are valid and keep at least one valid caption."""
-        with_caption = np.bincount(self.text_to_image[self.text_valid],
-                                   minlength=len(self.image_valid)) > 0
-        return int((with_caption & self.image_valid).sum())
-
-
-def open_targets(paths: Sequence[str], manifest: Manifest) -> TeacherTargets:
-    """Open the caches of ``paths`` for ``manifest``'s dataset and merge them."""
-    if not paths:
-        raise CacheError("train.caches is empty: list at least one teacher cache (a .zarr store)")
-    caches = [TeacherCache.open(p, expect_dataset=manifest.fingerprint) for p in paths]
-    first = caches[0]
-    for cache in caches:
-        if not (np.array_equal(cache.image_ids, first.image_ids)
-                and np.array_equal(cache.text_ids, first.text_ids)):
-            raise CacheError(f"{cache.path}: row ids differ from {first.path} although both "
-                             "claim the same dataset; rebuild them with `distill teach`")
-    sources: dict[str, str] = {}
-    for cache in caches:
-        for field, arr in (("image_emb", cache.image_emb), ("text_emb", cache.text_emb)):
-            if arr is not None and field not in sources:
-                sources[field] = str(cache.path)
-    by_path = {str(c.path): c for c in caches}
-    image_emb, text_emb = (getattr(by_path[sources[f]], f) if f in sources else None
-                           for f in ("image_emb", "text_emb"))
-    both = [c for c in caches if c.image_emb is not None and c.text_emb is not None]
-    return TeacherTargets(
-        paths=tuple(str(p) for p in paths), image_emb=image_emb, text_emb=text_emb,
-        logit_scale=(both[0] if both else first).logit_scale,
-        image_rows=first.image_row(), text_rows=first.text_row(),
-        text_to_image=first.text_to_image,
-        image_valid=np.logical_and.reduce([c.image_valid for c in caches]),
-        text_valid=np.logical_and.reduce([c.text_valid for c in caches]),
-        sources=sources, teacher_fingerprints={str(c.path): c.teacher_fingerprint for c in caches})
 
 
 @dataclass
@@ -200,6 +126,33 @@ class DistillStream(IterableDataset):
                 buffer[slot] = element
         rng.shuffle(buffer)
         yield from buffer
+
+
+class PlannedStream(DistillStream):
+    """One epoch of joined samples in a precomputed order of image rows (hard-negative batches).
+
+    Samples are read by id with :class:`RandomAccess` instead of streamed. Worker ``w`` of ``n``
+    reads ``order[w::n]``; the DataLoader takes one element from each worker in turn, so the
+    merged stream is ``order`` itself (skip events keep their slot).
+    """
+
+    def __init__(self, manifest: Manifest, targets: TeacherTargets,
+                 transform: Callable[[PIL.Image.Image, random.Random], Tensor], order: np.ndarray,
+                 *, seed: int, epoch: int, on_bad_image: str) -> None:
+        super().__init__(manifest, targets, transform, seed=seed, epoch=epoch, shuffle_buffer=0,
+                         on_bad_image=on_bad_image)
+        self.order = np.asarray(order)
+        self.row_ids = sorted(targets.image_rows, key=targets.image_rows.__getitem__)
+
+    def __iter__(self) -> Iterator[TrainItem | SkipEvent]:
+        info = get_worker_info()
+        wid, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        reader = RandomAccess(self.manifest, make_handler(self.on_bad_image))  # type: ignore[arg-type]
+        try:
+            for row in self.order[wid::n_workers]:
+                yield self._join(reader.read(self.row_ids[int(row)]))
+        finally:
+            reader.close()
 
 
 def _as_is(element: Any) -> Any:

@@ -5,7 +5,8 @@ image→image ``i2i``, text→text ``t2t``) it stores ``{dir}_topk_idx [N, k] in
 ``{dir}_topk_sim [N, k] float16``, sorted by descending similarity, ties to the lower row.
 Single-modal directions leave the query itself out. Invalid rows are never returned as
 neighbours; an invalid query row gets ``-1`` indices. Rows are computed in units of one Zarr
-shard of queries, with memory bounded by the top-k's blocks, and resume like ``teach``.
+shard of queries, with memory bounded by the top-k's blocks, and resume like ``teach`` (one
+writer per output, held by :func:`pipeline.lock.output_lock`).
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from typing import Any, Callable
 import numpy as np
 import zarr
 
-from pipeline.cache import (Layout, TeacherCache, base_attrs, create_array, open_group_checked,
-                            row_units, validate_attrs, write_unit)
-from pipeline.errors import CacheError
+from pipeline.cache import (Layout, TeacherCache, base_attrs, check_fingerprint, create_array,
+                            open_group_checked, raise_faults, read_array, row_units,
+                            structure_faults, validate_attrs, write_unit)
 from pipeline.fingerprint import fingerprint
+from pipeline.lock import output_lock
 from pipeline.progress import progress_task
-from pipeline.scratch import ScratchRun, creating
+from pipeline.scratch import ScratchRun, creating, disk_full_errors, recover_replaced
 from pipeline.topk import blocked_topk
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image"),
@@ -115,33 +117,64 @@ def _attrs(cache: TeacherCache, cfg: NeighborsConfig, split: str, directions: li
 
 
 def run_neighbors(cfg: NeighborsConfig, name: str, progress: bool | None = None) -> dict[str, Any]:
-    """Compute the neighbour stores of teacher ``name``'s caches; returns a summary."""
+    """Compute the neighbour stores of teacher ``name``'s caches; returns a summary.
+
+    Holds the output's lock throughout; a concurrent run on the same output is refused.
+    """
     t0 = time.perf_counter()
-    caches = {s: TeacherCache.open(Path(cfg.cache_root) / name / f"{s}.zarr") for s in cfg.splits}
-    plan = {s: supported_directions(cfg, c) for s, c in caches.items()}
     out = Path(cfg.out_root) / name
-    run_fp = fingerprint({"k": cfg.k, "plan": plan, "rows": cfg.rows_per_shard,
-                          "sources": {s: [c.teacher_fingerprint, c.dataset_fingerprint]
-                                      for s, c in caches.items()}})
-    scratch = ScratchRun(out, run_fp)
-    total = sum(len(getattr(c, f"{DIRECTIONS[d][0]}_emb")) for s, c in caches.items() for d in plan[s])
-    with progress_task(f"neighbors {name}", total, progress) as advance:
-        for split, cache in caches.items():
-            _build_split(cache, cfg, scratch, split, plan[split], advance)
-    scratch.publish()
+    with output_lock(out, f"`distill neighbors {name}`"):
+        recover_replaced(out)
+        caches = {s: TeacherCache.open(Path(cfg.cache_root) / name / f"{s}.zarr") for s in cfg.splits}
+        plan = {s: supported_directions(cfg, c) for s, c in caches.items()}
+        run_fp = fingerprint({"k": cfg.k, "plan": plan, "rows": cfg.rows_per_shard,
+                              "sources": {s: [c.teacher_fingerprint, c.dataset_fingerprint]
+                                          for s, c in caches.items()}})
+        total = sum(len(getattr(c, f"{DIRECTIONS[d][0]}_emb")) for s, c in caches.items()
+                    for d in plan[s])
+        with disk_full_errors(out, out.parent / ".scratch" / out.name):
+            scratch = ScratchRun(out, run_fp)
+            with progress_task(f"neighbors {name}", total, progress) as advance:
+                for split, cache in caches.items():
+                    _build_split(cache, cfg, scratch, split, plan[split], advance)
+            scratch.publish()
     return {"teacher": name, "k": cfg.k, "directions": plan,
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def open_neighbors(path: str | Path) -> dict[str, np.ndarray]:
-    """Load a verified neighbour store as ``{array name: array}`` (plus ``attrs``)."""
+def open_neighbors(path: str | Path, expect_teacher: str | None = None,
+                   expect_dataset: str | None = None) -> dict[str, np.ndarray]:
+    """Load a verified neighbour store as ``{array name: array}`` (plus ``attrs``).
+
+    Runs the cheap checks of ``distill cache verify``: schema, completeness, the expected source
+    teacher and dataset fingerprints (when given), array layout, every shard file present, every
+    chunk's checksum (all arrays are read), and no row read back as fill values.
+    """
     path = Path(path)
     group = open_group_checked(path, "neighbors.v1")
-    arrays: dict[str, Any] = {name: np.asarray(group[name][:]) for name in group.array_keys()}
-    for name, values in arrays.items():
-        lost = np.flatnonzero(np.isnan(values).any(axis=1)) if name.endswith("_topk_sim") else []
-        if len(lost):  # NaN is the fill value: a shard file of this array is missing
-            raise CacheError(f"{path}: {name} rows {lost[:5].tolist()}... read back as fill values: "
-                             "a shard file is missing; rerun `distill neighbors` or `dvc checkout`")
-    arrays["attrs"] = dict(group.attrs)
+    attrs = dict(group.attrs)
+    hint = "rebuild it with `distill neighbors` (or `dvc repro`) from the cache you use"
+    check_fingerprint("source teacher", path, expect_teacher, attrs["source_teacher_fingerprint"], hint)
+    check_fingerprint("dataset", path, expect_dataset, attrs["dataset_fingerprint"], hint)
+    raise_faults(path, structure_faults(path, group))
+    arrays: dict[str, Any] = {name: read_array(group, name, path) for name in group.array_keys()}
+    raise_faults(path, [f for d in attrs["directions"] for f in topk_row_faults(arrays, d)])
+    arrays["attrs"] = attrs
     return arrays
+
+
+def topk_row_faults(arrays: dict[str, np.ndarray], direction: str, offset: int = 0) -> list[str]:
+    """Rows of one direction that read back as fill values: a NaN similarity (the fill value),
+    or an index of -1 (its fill value) where the similarity is not -inf (the only legitimate
+    -1 is an empty neighbour slot, whose similarity is -inf). ``offset``: row of ``arrays[0]``."""
+    idx, sim = arrays[f"{direction}_topk_idx"], arrays[f"{direction}_topk_sim"]
+    faults = []
+    nan = np.flatnonzero(np.isnan(sim).any(axis=1))
+    if nan.size:
+        faults.append(f"{direction}_topk_sim: {nan.size} rows hold fill values (first row "
+                      f"{offset + int(nan[0])}): a shard file is missing or was not written")
+    lost = np.flatnonzero(((idx == -1) & ~np.isneginf(sim) & ~np.isnan(sim)).any(axis=1))
+    if lost.size:
+        faults.append(f"{direction}_topk_idx: {lost.size} rows hold fill values (first row "
+                      f"{offset + int(lost[0])}): a shard file is missing or was not written")
+    return faults

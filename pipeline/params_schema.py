@@ -11,13 +11,15 @@ from typing import Any
 from pipeline.config import json_schema
 from pipeline.data.prepare import PrepareConfig
 from pipeline.evaluate import EvalConfig
+from pipeline.itm import ItmConfig
 from pipeline.neighbors import NeighborsConfig
 from pipeline.teach import TeachConfig, TeacherEntry
-from pipeline.train import TrainConfig
+from pipeline.train import Recipe, TrainConfig
 
 
 def params_schema() -> dict[str, Any]:
-    """Schema of the whole parameters file: one section per stage plus the teacher mapping."""
+    """Schema of the whole parameters file: one section per stage plus the teacher and recipe
+    mappings."""
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "vlm-distill/params/v1",
@@ -28,7 +30,9 @@ def params_schema() -> dict[str, Any]:
             "teachers": {"type": "object", "additionalProperties": json_schema(TeacherEntry)},
             "teach": json_schema(TeachConfig),
             "neighbors": json_schema(NeighborsConfig),
+            "itm": json_schema(ItmConfig),
             "train": json_schema(TrainConfig),
+            "recipes": {"type": "object", "additionalProperties": json_schema(Recipe)},
             "evaluate": json_schema(EvalConfig),
         },
     }

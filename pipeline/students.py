@@ -30,13 +30,20 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SPEC_VERSION = 1
 # Keys of non-student tensors in a checkpoint contain "/", which no nn.Module state-dict key does.
 EXTRA_SEP = "/"
+# (final embedding [B, embed_dim], pooled intermediate levels [B, d_l] shallow to deep)
+Levels = tuple[Tensor, list[Tensor]]
 
 
 class Student(nn.Module):
     """A dual encoder mapping images and texts into one ``embed_dim`` space.
 
     Subclasses set ``embed_dim``, ``image_size``, ``logit_scale`` (log of the softmax scale, as
-    in CLIP) and implement ``encode_image`` / ``encode_text`` / ``tokenize``.
+    in CLIP) and implement ``encode_image`` / ``encode_text`` / ``tokenize``, and, for multi-scale
+    distillation, ``encode_image_levels`` / ``encode_text_levels`` / ``level_dims``.
+
+    A *level* is the pooled output of one intermediate block of a tower (every block but the
+    last, shallow to deep): ``[B, d_l]``, neither layer-normed by the tower's final norm nor
+    L2-normalised, so a loss projects it (with a norm of its own if it wants one).
     """
 
     embed_dim: int
@@ -63,6 +70,18 @@ class Student(nn.Module):
         raise NotImplementedError
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
+        raise NotImplementedError
+
+    def encode_image_levels(self, pixels: Tensor, normalize: bool = True) -> Levels:
+        """One forward pass: (``encode_image(pixels, normalize)``, pooled intermediate levels)."""
+        raise NotImplementedError
+
+    def encode_text_levels(self, tokens: Tensor, normalize: bool = True) -> Levels:
+        """One forward pass: (``encode_text(tokens, normalize)``, pooled intermediate levels)."""
+        raise NotImplementedError
+
+    def level_dims(self) -> dict[str, list[int]]:
+        """Width of each level, shallow to deep: ``{"image": [...], "text": [...]}``."""
         raise NotImplementedError
 
     def tower_parameters(self) -> dict[str, int]:
@@ -164,6 +183,48 @@ class OpenClipStudent(Student):
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
         return self.model.encode_text(tokens, normalize=normalize)
 
+    def encode_image_levels(self, pixels: Tensor, normalize: bool = True) -> Levels:
+        """Final embedding + the class token of each ViT block but the last.
+
+        The class token is read from the residual stream after the block (the stream starts
+        after ``ln_pre``), before ``ln_post``; with ``pool_type='avg'`` the patch tokens' mean.
+        """
+        visual = self.model.visual
+        levels = list(range(len(visual.transformer.resblocks) - 1))
+        if not levels:
+            return self.encode_image(pixels, normalize), []
+        out = self.model.forward_intermediates(
+            image=pixels, image_indices=levels, normalize=normalize, image_output_fmt="NLC",
+            image_output_extra_tokens=True)
+        if visual.pool_type == "tok":
+            pooled = [prefix[:, 0] for prefix in out["image_intermediates_prefix"]]
+        elif visual.pool_type == "avg":
+            pooled = [tokens.mean(dim=1) for tokens in out["image_intermediates"]]
+        else:
+            raise PipelineError(f"open_clip image pool_type {visual.pool_type!r} has no level "
+                                "pooling; use pool_type 'tok' or 'avg'")
+        return out["image_features"], pooled
+
+    def encode_text_levels(self, tokens: Tensor, normalize: bool = True) -> Levels:
+        """Final embedding + each text block but the last, pooled as open_clip pools the final
+        one (the EOT token for ``argmax``), from the residual stream before ``ln_final``."""
+        from open_clip.transformer import text_global_pool
+
+        levels = list(range(len(self.model.transformer.resblocks) - 1))
+        if not levels:
+            return self.encode_text(tokens, normalize), []
+        out = self.model.forward_intermediates(text=tokens, text_indices=levels,
+                                               normalize=normalize)
+        eos = getattr(self.model, "text_eos_id", None)
+        pooled = [text_global_pool(h, tokens, self.model.text_pool_type, eos_token_id=eos)
+                  for h in out["text_intermediates"]]
+        return out["text_features"], pooled
+
+    def level_dims(self) -> dict[str, list[int]]:
+        image, text = self.model.visual.transformer, self.model.transformer
+        return {"image": [image.width] * (len(image.resblocks) - 1),
+                "text": [text.width] * (len(text.resblocks) - 1)}
+
     def tower_parameters(self) -> dict[str, int]:
         text = _count(self.model) - _count(self.model.visual) - self.model.logit_scale.numel()
         return {"image": _count(self.model.visual), "text": text}
@@ -225,14 +286,61 @@ class TimmHfStudent(Student):
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
         mask = (tokens != self._pad_id).long()
         hidden = self.text(input_ids=tokens, attention_mask=mask).last_hidden_state
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # mean over real tokens
-        emb = self.text_proj(pooled)
+        emb = self.text_proj(_mean_pool(hidden, mask))
         return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_image_levels(self, pixels: Tensor, normalize: bool = True) -> Levels:
+        """Final embedding + every ``feature_info`` level of the timm model but the last, through
+        timm's ``forward_intermediates`` (un-normed): the class token for a class-token ViT,
+        else the mean over positions (patch tokens, or H×W of a CNN stage)."""
+        n_levels = len(self._timm_levels())
+        if n_levels == 0:
+            return self.encode_image(pixels, normalize), []
+        class_token = (getattr(self.vision, "num_prefix_tokens", 0) > 0
+                       and getattr(self.vision, "global_pool", None) == "token")
+        kwargs = {"return_prefix_tokens": True, "output_fmt": "NLC"} if class_token else {}
+        final, inter = self.vision.forward_intermediates(pixels, indices=list(range(n_levels)),
+                                                         **kwargs)
+        if class_token:
+            pooled = [prefix[:, 0] for _, prefix in inter]
+        else:  # NCHW maps or NLC tokens: mean over every spatial position
+            pooled = [h.mean(dim=(2, 3)) if h.ndim == 4 else h.mean(dim=1) for h in inter]
+        emb = self.image_proj(self.vision.forward_head(final))
+        return (F.normalize(emb, dim=-1) if normalize else emb), pooled
+
+    def encode_text_levels(self, tokens: Tensor, normalize: bool = True) -> Levels:
+        """Final embedding + the output of every transformer layer but the last
+        (``output_hidden_states``), each mean-pooled over real tokens like the final one."""
+        mask = (tokens != self._pad_id).long()
+        out = self.text(input_ids=tokens, attention_mask=mask, output_hidden_states=True)
+        # hidden_states[0] is the embedding output, [l] the output of layer l.
+        layers = self.text.config.num_hidden_layers
+        pooled = [_mean_pool(h, mask) for h in out.hidden_states[1:layers]]
+        emb = self.text_proj(_mean_pool(out.last_hidden_state, mask))
+        return (F.normalize(emb, dim=-1) if normalize else emb), pooled
+
+    def _timm_levels(self) -> list[int]:
+        info = getattr(self.vision, "feature_info", None)
+        if not info or not hasattr(self.vision, "forward_intermediates"):
+            raise PipelineError(f"timm model {type(self.vision).__name__} has no feature_info/"
+                                "forward_intermediates: choose a timm model that supports them "
+                                "for multi-scale distillation")
+        return [int(level["num_chs"]) for level in list(info)[:-1]]
+
+    def level_dims(self) -> dict[str, list[int]]:
+        config = self.text.config
+        return {"image": self._timm_levels(),
+                "text": [config.hidden_size] * (config.num_hidden_layers - 1)}
 
     def tower_parameters(self) -> dict[str, int]:
         return {"image": _count(self.vision) + _count(self.image_proj),
                 "text": _count(self.text) + _count(self.text_proj)}
+
+
+def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``hidden [B, L, d]`` over the positions where ``mask [B, L]`` is 1."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
 def _text_tower(text_model: str | None, context_length: int, vocab_size: int, width: int,

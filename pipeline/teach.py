@@ -4,12 +4,14 @@ Work is cut into units of one Zarr shard of rows each (``rows_per_shard`` images
 unit is computed, checked (finite values), written as whole shards and then recorded as done in
 the scratch directory, so a rerun after an interruption computes only the unfinished units. When
 every unit of every split is done, the stores are marked complete and moved into the output by a
-rename. An output that is already complete for the same teacher and dataset is left alone: a
-teacher pass is never paid for twice.
+rename. An output that is already complete for the same teacher, dataset and settings (and not
+damaged) is left alone: a teacher pass is never paid for twice. One run at a time writes an
+output: the run holds :func:`pipeline.lock.output_lock` on it from start to publish.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import threading
@@ -26,12 +28,17 @@ import zarr
 
 from pipeline import __version__
 from pipeline.cache import (ROW_INVALID, ROW_VALID, Layout, create_teacher_store, row_units,
-                            teacher_store_attrs, unwritten_rows, validate_attrs, write_unit)
+                            structure_faults, teacher_store_attrs, unwritten_rows, validate_attrs,
+                            write_unit)
 from pipeline.data.shards import Manifest, iter_samples, load_manifest, make_handler
 from pipeline.errors import CacheError, PipelineError
 from pipeline.fingerprint import fingerprint
+from pipeline.lock import output_lock
 from pipeline.progress import progress_task
-from pipeline.scratch import ScratchRun, creating
+from pipeline.scratch import (ScratchRun, creating, discard_scratch, disk_full_errors,
+                              recover_replaced)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,13 +127,18 @@ def shards_covering(offsets: list[int], counts: list[int], names: list[str],
 
 
 def check_finite(emb: np.ndarray, ids: list[str], where: str) -> None:
-    """Refuse non-finite teacher outputs before anything is written, naming the samples."""
+    """Refuse non-finite teacher outputs before anything is written, naming the samples.
+
+    Called on the float16 values that will be stored, so an output beyond float16's range
+    (which would be stored as Inf) is refused too.
+    """
     bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
     if bad.size:
         named = ", ".join(ids[i] for i in bad[:10])
         raise PipelineError(
-            f"{where}: the teacher returned NaN/Inf for {bad.size} sample(s): {named}. Nothing of "
-            "this unit was written; check the teacher (weights, dtype/autocast) and rerun."
+            f"{where}: the teacher returned NaN/Inf (or values beyond float16) for {bad.size} "
+            f"sample(s): {named}. Nothing of this unit was written; check the teacher (weights, "
+            "dtype/autocast) and rerun."
         )
 
 
@@ -182,8 +194,8 @@ def compute_image_unit(teacher: Any, manifest: Manifest, start: int, stop: int, 
         advance(len(batch))
     arrays: dict[str, np.ndarray] = {"image_id": ids.astype(str), "image_status": status}
     if emb is not None:
-        check_finite(emb, list(ids), f"images [{start}, {stop}) of {manifest.root}")
         arrays["image_emb"] = emb.astype(np.float16)
+        check_finite(arrays["image_emb"], list(ids), f"images [{start}, {stop}) of {manifest.root}")
     return arrays, skipped
 
 
@@ -221,8 +233,8 @@ def compute_text_unit(teacher: Any, manifest: Manifest, start: int, stop: int,
     arrays = {"text_id": ids.astype(str), "text_to_image": to_image,
               "text_status": np.full(n, ROW_VALID, dtype=np.uint8)}
     if emb is not None:
-        check_finite(emb, list(ids), f"texts [{start}, {stop}) of {manifest.root}")
         arrays["text_emb"] = emb.astype(np.float16)
+        check_finite(arrays["text_emb"], list(ids), f"texts [{start}, {stop}) of {manifest.root}")
     return arrays
 
 
@@ -250,6 +262,7 @@ class TeachRun:
             self.teacher_fp, manifest.fingerprint, split, teacher.modalities, teacher.embed_dim,
             teacher.logit_scale, manifest.n_images, manifest.n_texts, self.layout,
             compute=teacher.compute_info(),  # device/autocast: informational only
+            on_bad_image=self.cfg.on_bad_image,  # a `skip` store may hold invalid rows
         )
 
     @property
@@ -257,21 +270,44 @@ class TeachRun:
         return Layout(self.cfg.rows_per_shard, self.cfg.rows_per_chunk)
 
 
+# Attributes a kept store must share with the run: what changes the stored arrays.
+CURRENT_KEYS = ("schema", "schema_version", "teacher_fingerprint", "dataset_fingerprint",
+                "rows_per_shard", "on_bad_image")
+
+
 def cache_is_current(out: Path, run: TeachRun) -> bool:
-    """Whether ``out`` already holds complete stores for this teacher and dataset."""
-    for split, manifest in run.manifests.items():
+    """Whether ``out`` already holds complete, undamaged stores for this teacher, dataset and
+    settings (including ``on_bad_image``: a `skip` store may hold rows `strict` would refuse)."""
+    for split in run.manifests:
         store = out / f"{split}.zarr"
         if not (store / "zarr.json").exists():
             return False
-        attrs = dict(zarr.open_group(str(store), mode="r", zarr_format=3).attrs)
+        group = zarr.open_group(str(store), mode="r", zarr_format=3)
+        attrs = dict(group.attrs)
         run.skipped[split] = list(attrs.get("skipped", []))
         expected = run.store_attrs(split)
-        if not attrs.get("complete") or any(
-            attrs.get(k) != expected[k]
-            for k in ("teacher_fingerprint", "dataset_fingerprint", "rows_per_shard", "schema_version")
-        ):
+        if not attrs.get("complete") or any(attrs.get(k) != expected[k] for k in CURRENT_KEYS):
+            return False
+        faults = _published_faults(store, group)
+        if faults:
+            log.warning("%s is damaged (%s); rebuilding it", store, "; ".join(faults[:3]))
             return False
     return True
+
+
+def _published_faults(store: Path, group: zarr.Group) -> list[str]:
+    """Cheap checks of a published store (shard files, layout, row status)."""
+    faults = structure_faults(store, group)
+    if not faults:
+        for kind in ("image", "text"):
+            try:
+                missing = unwritten_rows(group[f"{kind}_status"][:])
+            except ValueError as exc:  # checksum mismatch
+                faults.append(f"{kind}_status unreadable: {exc}")
+                continue
+            if missing.size:
+                faults.append(f"{missing.size} {kind} rows unwritten")
+    return faults
 
 
 def _run_split(run: TeachRun, scratch: ScratchRun, split: str, advance: Callable) -> None:
@@ -320,30 +356,47 @@ def _finalise_store(group: zarr.Group, run: TeachRun, split: str) -> None:
 
 
 def run_teach(cfg: TeachConfig, name: str, teacher: Any, progress: bool | None = None) -> dict[str, Any]:
-    """Build (or resume, or keep) the caches of teacher ``name``; returns the run summary."""
+    """Build (or resume, or keep) the caches of teacher ``name``; returns the run summary.
+
+    Holds the output's lock throughout (a concurrent run on the same output is refused), first
+    repairs a publish that an earlier run left half-done, and keeps a current output as it is.
+    """
     t0 = time.perf_counter()
-    root = Path(cfg.dataset)
-    manifests = {split: load_manifest(root / split, verify=True) for split in cfg.splits}
-    run = TeachRun(name, teacher, cfg, manifests, teacher.fingerprint())
-    calls_before = teacher.forward_calls
-    up_to_date = cache_is_current(run.out, run)
-    if not up_to_date:
-        run.skipped.clear()
-        run_fp = fingerprint({
-            "teacher": run.teacher_fp, "layout": [cfg.rows_per_shard, cfg.rows_per_chunk],
-            "on_bad_image": cfg.on_bad_image,
-            "datasets": {s: m.fingerprint for s, m in manifests.items()},
-            "package": __version__,
-        })
+    out = Path(cfg.out_root) / name
+    with output_lock(out, f"`distill teach {name}`"):
+        recover_replaced(out)
+        root = Path(cfg.dataset)
+        manifests = {split: load_manifest(root / split, verify=True) for split in cfg.splits}
+        run = TeachRun(name, teacher, cfg, manifests, teacher.fingerprint())
+        calls_before = teacher.forward_calls
+        up_to_date = cache_is_current(run.out, run)
+        if up_to_date:
+            discard_scratch(run.out)  # left by a run killed right after it published
+        else:
+            _compute_and_publish(run, progress)
+        return _summary(run, up_to_date, teacher.forward_calls - calls_before,
+                        time.perf_counter() - t0)
+
+
+def _compute_and_publish(run: TeachRun, progress: bool | None) -> None:
+    """Compute every unfinished unit in the scratch directory, then publish the stores."""
+    cfg, manifests = run.cfg, run.manifests
+    run.skipped.clear()
+    run_fp = fingerprint({
+        "teacher": run.teacher_fp, "layout": [cfg.rows_per_shard, cfg.rows_per_chunk],
+        "on_bad_image": cfg.on_bad_image,
+        "datasets": {s: m.fingerprint for s, m in manifests.items()},
+        "package": __version__,
+    })
+    with disk_full_errors(run.out, run.out.parent / ".scratch" / run.out.name):
         scratch = ScratchRun(run.out, run_fp)
         total = sum(m.n_images + m.n_texts for m in manifests.values())
-        workers = preprocess_workers(cfg, teacher)
+        workers = preprocess_workers(cfg, run.teacher)
         with ThreadPoolExecutor(workers) if workers else _no_pool() as run.pool, \
-                progress_task(f"teach {name}", total, progress) as advance:
+                progress_task(f"teach {run.name}", total, progress) as advance:
             for split in cfg.splits:
                 _run_split(run, scratch, split, advance)
         scratch.publish()
-    return _summary(run, up_to_date, teacher.forward_calls - calls_before, time.perf_counter() - t0)
 
 
 def preprocess_workers(cfg: TeachConfig, teacher: Any) -> int:

@@ -25,16 +25,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pipeline.data.shards import Manifest, load_manifest
 from pipeline.devices import resolve_device
-from pipeline.errors import CacheError, PipelineError
+from pipeline.config import from_dict, load_params
+from pipeline.errors import CacheError, ConfigError, PipelineError
 from pipeline.fingerprint import fingerprint
-from pipeline.loader import (DistillStream, LoaderState, SkipEvent, TeacherTargets, collate,
-                             iter_batches, open_targets)
-from pipeline.losses import (CombinedLoss, DistillBatch, LossTerm, build_objective,
+from pipeline.batch import BatchPlan, assemble
+from pipeline.data.captions import load_captions
+from pipeline.loader import (DistillStream, LoaderState, PlannedStream, SkipEvent, collate,
+                             iter_batches)
+from pipeline.sampler import (hard_negative_rate, image_neighbors_from_i2t, plan_epoch,
+                              random_batch_rate)
+from pipeline.targets import TargetSources, TeacherTargets, open_targets
+from pipeline.losses import (CombinedLoss, LossTerm, build_objective,
                              check_requirements)
 from pipeline.progress import progress_task
 from pipeline.students import Student, create_student, read_checkpoint, save_checkpoint
@@ -51,10 +58,21 @@ class TrainConfig:
 
     student: str = "open_clip_tiny"                               # STUDENTS registry name
     student_kwargs: dict[str, Any] = field(default_factory=dict)  # architecture overrides
+    recipe: str | None = None                 # name of a `recipes` entry of params.yaml; its keys
+                                              # (losses, balancer, ...) replace those given here
     losses: tuple[LossTerm, ...] = (LossTerm("contrastive"), LossTerm("similarity_kl"))
+    balancer: str | None = None               # loss-weight balancer (BALANCERS); None = fixed weights
+    balancer_kwargs: dict[str, Any] = field(default_factory=dict)
     dataset: str = "data/emoji"               # dataset root: one folder of shards per split
     split: str = "train"                      # split trained on (<dataset>/<split>)
-    caches: tuple[str, ...] = ("caches/demo_clip/train.zarr",)  # teacher caches of that split
+    caches: tuple[str, ...] = ("caches/demo_clip/train.zarr",)  # cross-modal teacher caches of that split
+    vision_teacher: str | None = None         # a vision-only teacher's cache of the split
+    text_teacher: str | None = None           # a text-only teacher's cache of the split
+    single_stream_teacher: str | None = None  # the single-stream (ITM) teacher's cache (MCAD)
+    neighbors: str | None = None              # top-k neighbours of the cross-modal teacher
+    itm_scores: str | None = None             # single-stream scores of those neighbours (stage itm)
+    hard_negative_fraction: float = 0.0       # share of each batch filled with anchors' nearest
+                                              # neighbours (needs `neighbors`); 0 = plain shuffle
     out_dir: str = "models/student"           # model, checkpoints, log and summary go here
     batch_size: int = 64                      # (image, caption) pairs per step
     steps: int | None = None                  # total optimizer steps; None = derive from epochs
@@ -76,6 +94,34 @@ class TrainConfig:
     resume: bool = True                       # continue an interrupted run from its scratch checkpoint
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """A named recipe (params.yaml ``recipes.<name>``), chosen by ``train.recipe``: its keys
+    replace the ``train`` keys of the same names, so one experiment switches a whole method."""
+
+    losses: tuple[LossTerm, ...]
+    description: str = ""                     # one line for reports
+    balancer: str | None = None
+    balancer_kwargs: dict[str, Any] = field(default_factory=dict)
+    hard_negative_fraction: float = 0.0
+
+
+def load_train_config(params: str | Path | dict = "params.yaml") -> TrainConfig:
+    """``TrainConfig`` from params section ``train``, with ``train.recipe`` applied."""
+    data = params if isinstance(params, dict) else load_params(params)
+    section = dict(data.get("train") or {})
+    name = section.get("recipe")
+    if name is not None:
+        recipes = data.get("recipes") or {}
+        if name not in recipes:
+            raise ConfigError(f"train.recipe: unknown recipe {name!r}; known: "
+                              f"{', '.join(sorted(recipes)) or '(none: add a `recipes` section)'}")
+        recipe = asdict(from_dict(Recipe, recipes[name], f"recipes.{name}"))
+        recipe.pop("description")
+        section.update(recipe)
+    return from_dict(TrainConfig, section, "train")
+
+
 @dataclass
 class TrainRun:
     """Everything one training run holds (passed around instead of module state)."""
@@ -89,12 +135,14 @@ class TrainRun:
     optimizer: torch.optim.Optimizer
     total_steps: int
     run_fingerprint: str
+    plan: BatchPlan
     step: int = 0
     loader_state: LoaderState = LoaderState()
     samples_seen: int = 0
     skipped: dict[str, str] = field(default_factory=dict)  # sample id -> reason
     skip_events: int = 0                                   # skips over all epochs
     teacher_forward_calls: int = 0                         # measured; must stay 0
+    sampler: dict[str, float] = field(default_factory=dict)  # hard-negative batch statistics
 
     @property
     def out(self) -> Path:
@@ -148,8 +196,9 @@ def total_steps(cfg: TrainConfig, targets: TeacherTargets) -> int:
 
 def run_fingerprint(cfg: TrainConfig, manifest: Manifest, targets: TeacherTargets) -> str:
     """What a checkpoint must agree on to be resumed (steps may change: longer runs resume)."""
-    keys = ("student", "student_kwargs", "losses", "batch_size", "lr", "weight_decay",
-            "warmup_steps", "grad_clip_norm", "seed", "shuffle_buffer", "augment", "on_bad_image",
+    keys = ("student", "student_kwargs", "losses", "balancer", "balancer_kwargs", "batch_size",
+            "lr", "weight_decay", "warmup_steps", "grad_clip_norm", "seed", "shuffle_buffer",
+            "augment", "on_bad_image", "hard_negative_fraction",
             "num_workers")  # workers split the shards: another count is another sample order
     settings = {k: v for k, v in asdict(cfg).items() if k in keys}
     return fingerprint({"settings": settings, "dataset": manifest.fingerprint,
@@ -157,8 +206,12 @@ def run_fingerprint(cfg: TrainConfig, manifest: Manifest, targets: TeacherTarget
 
 
 def check_objective(objective: CombinedLoss, targets: TeacherTargets) -> None:
-    """Fail before the first step if a loss needs cache fields or pairing the caches lack."""
-    check_requirements(objective, targets.available, targets.paths)
+    """Fail before the first step if a loss needs cache fields, pairing or candidates the
+    stores lack."""
+    topk, itm = targets.topk.get("i2t_topk_idx"), targets.cand_itm
+    check_requirements(objective, targets.available, targets.paths,
+                       neighbor_k=None if topk is None else topk.shape[1],
+                       itm_k=None if itm is None else itm.shape[1])
     for name, term in objective.terms.items():
         if term.cross_modal_teacher and not targets.paired:
             raise CacheError(
@@ -167,45 +220,48 @@ def check_objective(objective: CombinedLoss, targets: TeacherTargets) -> None:
                 "modalities (stage `teach`) or drop this loss")
 
 
+def target_sources(cfg: TrainConfig) -> TargetSources:
+    """The stores named by the config."""
+    return TargetSources(tuple(cfg.caches), cfg.vision_teacher, cfg.text_teacher,
+                         cfg.single_stream_teacher, cfg.neighbors, cfg.itm_scores)
+
+
+def batch_plan(cfg: TrainConfig, objective: CombinedLoss, targets: TeacherTargets,
+               manifest: Manifest) -> BatchPlan:
+    """What each step computes besides the final embeddings (levels, candidate captions)."""
+    if cfg.hard_negative_fraction and not ({"i2i_topk_idx", "i2t_topk_idx"} & set(targets.topk)):
+        raise CacheError("train.hard_negative_fraction > 0 needs neighbours: set train.neighbors "
+                         "to a store of stage `neighbors`")
+    captions = load_captions(manifest) if objective.candidates else None
+    return BatchPlan(targets, objective.candidates, objective.itm_candidates,
+                     objective.uses_levels, captions)
+
+
 def setup(cfg: TrainConfig) -> TrainRun:
-    """Open data and caches, build student, objective and optimizer (deterministic in seed)."""
+    """Open data and stores, build student, objective and optimizer (deterministic in seed)."""
     manifest = load_manifest(Path(cfg.dataset) / cfg.split)
-    targets = open_targets(cfg.caches, manifest)
+    targets = open_targets(cfg.caches, manifest, target_sources(cfg))
     device = torch.device(resolve_device(cfg.device))
     torch.manual_seed(cfg.seed)
     student = create_student(cfg.student, **cfg.student_kwargs)
-    objective = build_objective(cfg.losses, student.embed_dim, targets.dims)
+    objective = build_objective(cfg.losses, student.embed_dim, targets.dims,
+                                level_dims=student.level_dims(), balancer=cfg.balancer,
+                                balancer_kwargs=cfg.balancer_kwargs)
     check_objective(objective, targets)
+    plan = batch_plan(cfg, objective, targets, manifest)
     student.to(device).train()
     objective.to(device).train()
     optimizer = make_optimizer(student, objective, cfg)
     return TrainRun(cfg, device, manifest, targets, student, objective, optimizer,
-                    total_steps(cfg, targets), run_fingerprint(cfg, manifest, targets))
-
-
-def _teacher_rows(emb: Any, rows: Tensor, device: torch.device) -> Tensor | None:
-    """Gather this batch's teacher targets from a cache array (no grad: plain data)."""
-    if emb is None:
-        return None
-    return torch.from_numpy(emb[rows.numpy()]).to(device)
+                    total_steps(cfg, targets), run_fingerprint(cfg, manifest, targets), plan)
 
 
 def train_step(run: TrainRun, batch: dict[str, Any]) -> dict[str, float]:
-    """One optimizer step; returns the step's metrics."""
+    """One optimizer step; returns the step's metrics (losses, balancer weights, lr...)."""
     lr = lr_at(run.step + 1, run.cfg.lr, run.cfg.warmup_steps, run.total_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    device, student = run.device, run.student
-    pixels = batch["pixels"].to(device, non_blocking=True)
-    tokens = student.tokenize(batch["captions"]).to(device)
-    use_amp = run.cfg.amp and device.type == "cuda"
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        image_emb, text_emb = student.encode_image(pixels), student.encode_text(tokens)
-    distill = DistillBatch(
-        image_emb.float(), text_emb.float(), student.logit_scale.exp(),
-        _teacher_rows(run.targets.image_emb, batch["image_rows"], device),
-        _teacher_rows(run.targets.text_emb, batch["text_rows"], device),
-        run.targets.logit_scale, batch["image_rows"].to(device), batch["text_rows"].to(device))
+    distill = assemble(run.plan, run.student, batch, run.device, run.cfg.amp)
     total, terms = run.objective(distill)
     run.optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -214,9 +270,10 @@ def train_step(run: TrainRun, batch: dict[str, Any]) -> dict[str, float]:
                                        run.cfg.grad_clip_norm)
     run.optimizer.step()
     with torch.no_grad():
-        student.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
+        run.student.logit_scale.clamp_(0.0, math.log(MAX_LOGIT_SCALE))
     metrics = {"loss": total.item(), **{f"loss_{k}": v.item() for k, v in terms.items()}}
-    return {**metrics, "lr": lr, "logit_scale": student.logit_scale.exp().item()}
+    return {**metrics, **run.objective.logged(), "lr": lr,
+            "logit_scale": run.student.logit_scale.exp().item()}
 
 
 def _optimizer_extra(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -320,17 +377,36 @@ class MetricsLog:
 
 
 def log_columns(objective: CombinedLoss) -> list[str]:
-    """CSV columns: step, epoch, loss, one per loss term, lr, logit_scale, samples_per_s."""
+    """CSV columns: step, epoch, loss, one per loss term, the objective's logged weights and
+    learned scalars, lr, logit_scale, samples_per_s."""
     terms = [f"loss_{name}" for name in objective.terms]
-    return ["step", "epoch", "loss", *terms, "lr", "logit_scale", "samples_per_s"]
+    return ["step", "epoch", "loss", *terms, *objective.logged(), "lr", "logit_scale",
+            "samples_per_s"]
 
 
 def make_dataset(run: TrainRun, epoch: int) -> DistillStream:
-    """The training stream of ``epoch``."""
+    """The training stream of ``epoch``: streamed shards, or planned hard-negative batches."""
     cfg = run.cfg
     transform = run.student.train_transform(augment=cfg.augment)
-    return DistillStream(run.manifest, run.targets, transform, seed=cfg.seed, epoch=epoch,
-                         shuffle_buffer=cfg.shuffle_buffer, on_bad_image=cfg.on_bad_image)
+    if not cfg.hard_negative_fraction:
+        return DistillStream(run.manifest, run.targets, transform, seed=cfg.seed, epoch=epoch,
+                             shuffle_buffer=cfg.shuffle_buffer, on_bad_image=cfg.on_bad_image)
+    neighbors = image_neighbors(run.targets)
+    batches = plan_epoch(run.targets.usable_image_rows(), neighbors, cfg.batch_size,
+                         cfg.hard_negative_fraction, cfg.seed, epoch)
+    # how often an image meets its nearest teacher neighbour in its batch, against chance
+    run.sampler = {"epoch": epoch, "nearest_neighbour_in_batch": hard_negative_rate(batches, neighbors),
+                   "by_chance": random_batch_rate(len(batches) * cfg.batch_size, cfg.batch_size)}
+    order = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+    return PlannedStream(run.manifest, run.targets, transform, order, seed=cfg.seed, epoch=epoch,
+                         on_bad_image=cfg.on_bad_image)
+
+
+def image_neighbors(targets: TeacherTargets) -> np.ndarray:
+    """Each image's nearest images by the teacher: i2i neighbours, else i2t mapped to images."""
+    if "i2i_topk_idx" in targets.topk:
+        return targets.topk["i2i_topk_idx"]
+    return image_neighbors_from_i2t(targets.topk["i2t_topk_idx"], targets.text_to_image)
 
 
 def _record_skips(run: TrainRun, skips: list[SkipEvent]) -> None:
@@ -426,10 +502,12 @@ def make_summary(run: TrainRun, last: dict[str, float], resumed_from: int | None
     skipped = [{"id": k, "reason": v} for k, v in sorted(run.skipped.items())]
     return {
         "student": run.cfg.student, "spec": run.student.spec(), "finished": finished,
+        "recipe": run.cfg.recipe, "losses": [asdict(t) for t in run.cfg.losses],
+        "balancer": run.cfg.balancer,
         "steps": run.step, "total_steps": run.total_steps, "resumed_from": resumed_from,
         "steps_this_run": steps_this_run, "epoch": run.loader_state.epoch,
         "samples_seen": run.samples_seen, "final_metrics": last,
-        "teacher_forward_calls": run.teacher_forward_calls,
+        "teacher_forward_calls": run.teacher_forward_calls, "hard_negative_batches": run.sampler,
         "skipped_count": len(skipped), "skip_events": run.skip_events, "skipped": skipped[:1000],
         "tower_parameters": run.student.tower_parameters(), "device": str(run.device),
         "seconds": round(seconds, 3),

@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from pipeline.data.shards import load_manifest
 from pipeline.inspect import cache_info, verify_cache
-from rich.console import Console
-
-from stages.common import console, reported_errors, print_json
+from stages.common import console, print_json, reported_errors
 
 out = Console(soft_wrap=True)  # stdout, long fingerprints unwrapped
 
@@ -46,14 +47,24 @@ def info(path: PathArg,
 
 @app.command("verify")
 def verify(path: PathArg,
-           quick: Annotated[bool, typer.Option(help="Only schema and row status (skip reading every chunk).")] = False) -> None:
-    """Check schema, checksums of every chunk, row status and finiteness; exit 1 on any fault."""
-    report = verify_cache(path, deep=not quick)
+           quick: Annotated[bool, typer.Option(help="Only schema, layout, shard files and row status (skip reading every chunk).")] = False,
+           dataset: Annotated[Optional[Path], typer.Option(
+               help="A split's dataset folder (with manifest.json): the store must be built from it.")] = None) -> None:
+    """Check schema, fingerprints, shard files, checksums of every chunk, rows and finiteness; exit 1 on any fault."""
+    with reported_errors():
+        expect = load_manifest(dataset).fingerprint if dataset is not None else None
+    report = verify_cache(path, deep=not quick, expect_dataset=expect)
+    attrs = report.attrs
+    for key in ("schema", "split", "teacher_fingerprint", "source_teacher_fingerprint", "dataset_fingerprint"):
+        if key in attrs:
+            console.print(f"{key}: {attrs[key]}", highlight=False, soft_wrap=True)
     for fault in report.faults:
-        console.print(f"[red]FAULT[/] {fault}", highlight=False)
+        console.print(f"[red]FAULT[/] {escape(fault)}", highlight=False, soft_wrap=True)
     if report.ok:
-        console.print(f"[green]OK[/] {path}: checked {', '.join(report.checked)}", highlight=False)
+        console.print(f"[green]OK[/] {path}: checked {', '.join(report.checked)}", highlight=False,
+                      soft_wrap=True)
         return
-    console.print(f"[bold red]{len(report.faults)} fault(s)[/] in {path}: rebuild it with "
-                  "`distill teach` (or `dvc repro`), or restore it with `dvc checkout`/`dvc pull`.")
+    console.print(f"[bold red]{len(report.faults)} fault(s)[/] in {path}: rebuild it with the stage "
+                  "that made it (`distill teach`, `distill neighbors`, or `dvc repro`), or restore "
+                  "it with `dvc checkout`/`dvc pull`.", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import cache, evaluate, neighbors, prepare, teach, train
+from stages import cache, evaluate, itm, neighbors, prepare, teach, train
 
 app = typer.Typer(
     help="Offline distillation of vision-language teachers into small dual-encoder students.",
@@ -12,6 +12,7 @@ app = typer.Typer(
 app.command("prepare")(prepare.command)
 app.command("teach")(teach.command)
 app.command("neighbors")(neighbors.command)
+app.command("itm")(itm.command)
 app.command("train")(train.command)
 app.command("evaluate")(evaluate.command)
 app.add_typer(cache.app, name="cache")
@@ -19,14 +20,15 @@ app.add_typer(cache.app, name="cache")
 
 @app.command("list")
 def list_components() -> None:
-    """Registered teachers, students and losses (the names params.yaml may use)."""
-    from pipeline.losses import LOSSES
+    """Registered teachers, students, losses and balancers (the names params.yaml may use)."""
+    from pipeline.losses import BALANCERS, LOSSES
     from pipeline.students import STUDENTS
     from pipeline.teachers import list_teachers
 
     typer.echo(f"teachers: {', '.join(list_teachers())}")
     typer.echo(f"students: {', '.join(STUDENTS.names())}")
     typer.echo(f"losses:   {', '.join(LOSSES.names())}")
+    typer.echo(f"balancers: {', '.join(BALANCERS.names())}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import typer
 
 from pipeline.config import load_params, load_section
 from pipeline.devices import resolve_device
+from pipeline.lock import output_lock
 from pipeline.teach import TeachConfig, TeacherEntry, run_teach
 from stages.common import ParamsOpt, ProgressOpt, console, reported_errors, print_json
 
@@ -25,9 +26,15 @@ def command(
         data = load_params(params)
         cfg = load_section(TeachConfig, "teach", data)
         entry = load_section(TeacherEntry, f"teachers.{name}", data)
-        teacher = create_teacher(entry.teacher, **entry.kwargs).to(resolve_device(device or cfg.device))
-        summary = run_teach(cfg, name, teacher, progress=progress)
+        # locked before the teacher is built: a second run is refused at once, not after
+        # loading weights (run_teach takes the same lock again)
+        with output_lock(Path(cfg.out_root) / name, f"`distill teach {name}`"):
+            teacher = create_teacher(entry.teacher, **entry.kwargs).to(resolve_device(device or cfg.device))
+            summary = run_teach(cfg, name, teacher, progress=progress)
     if summary["skipped_count"]:
+        ids = [s["id"] for split in summary["skipped"].values() for s in split]
+        shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
         console.print(f"[yellow]{summary['skipped_count']} undecodable image(s) skipped and marked "
-                      f"invalid; ids in {cfg.summary_dir}/{name}.json[/]")
+                      f"invalid: {shown} (all ids and reasons in {cfg.summary_dir}/{name}.json)[/]",
+                      highlight=False)
     print_json({k: v for k, v in summary.items() if k != "skipped"})

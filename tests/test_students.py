@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -105,3 +106,110 @@ def test_timm_hf_with_packaged_minilm_text_tower(tmp_path):
     loaded = load_student(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_text(tokens), student.encode_text(tokens))
+
+
+# Multi-scale levels need at least two blocks per tower: three image blocks, two text blocks.
+LEVELS = {
+    "open_clip_tiny": {**TINY["open_clip_tiny"], "vision_layers": 3, "text_layers": 2},
+    "timm_hf": {**TINY["timm_hf"], "text_layers": 2,
+                "timm_kwargs": {**TINY["timm_hf"]["timm_kwargs"], "depth": 3}},
+}
+LEVEL_CAPTIONS = ["a red square", "two dogs on a beach", "x", "a very long caption about a cat"]
+
+
+@pytest.fixture(params=sorted(LEVELS))
+def level_student(request):
+    torch.manual_seed(0)
+    return create_student(request.param, **LEVELS[request.param]).eval()
+
+
+def _blocks(student) -> dict[str, list[torch.nn.Module]]:
+    """The transformer blocks of each tower, shallow to deep."""
+    if student.registry_name == "open_clip_tiny":
+        return {"image": list(student.model.visual.transformer.resblocks),
+                "text": list(student.model.transformer.resblocks)}
+    return {"image": list(student.vision.blocks), "text": list(student.text.encoder.layer)}
+
+
+def _pool_by_hand(student, kind: str, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Pool one block's token output row by row in float64, as documented for each tower."""
+    rows = []
+    for b in range(hidden.shape[0]):
+        h = hidden[b].double()
+        if kind == "image":  # both image towers are class-token ViTs: token 0
+            rows.append(h[0])
+        elif student.registry_name == "open_clip_tiny":  # EOT = the highest token id
+            rows.append(h[int(np.argmax(tokens[b].numpy()))])
+        else:  # mean over the real (non-pad) tokens
+            real = [i for i in range(tokens.shape[1]) if tokens[b, i].item() != student._pad_id]
+            rows.append(sum(h[i] for i in real) / len(real))
+    return torch.stack(rows)
+
+
+def _encode_levels(student, kind: str, normalize: bool = True):
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    tokens = student.tokenize(LEVEL_CAPTIONS)
+    if kind == "image":
+        return (pixels, tokens, student.encode_image_levels(pixels, normalize),
+                student.encode_image(pixels, normalize))
+    return (pixels, tokens, student.encode_text_levels(tokens, normalize),
+            student.encode_text(tokens, normalize))
+
+
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_levels_final_shapes_and_dims(level_student, kind):
+    dims = level_student.level_dims()
+    assert len(dims["image"]) == 2 and len(dims["text"]) == 1  # every block but the last
+    for normalize in (True, False):
+        with torch.no_grad():
+            _, _, (final, levels), plain = _encode_levels(level_student, kind, normalize)
+        assert torch.equal(final, plain)  # same ops as encode_*: bit for bit
+        assert [tuple(level.shape) for level in levels] == [(4, d) for d in dims[kind]]
+    assert all(torch.isfinite(level).all() for level in levels)
+    for i in range(len(levels)):  # the levels are distinct features, not copies
+        for j in range(i + 1, len(levels)):
+            assert not torch.allclose(levels[i], levels[j], atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_levels_match_block_outputs_in_one_pass(level_student, kind):
+    """Each level is its block's output pooled by hand; every block runs exactly once."""
+    blocks = _blocks(level_student)[kind]
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(blocks))}
+    hooks = [block.register_forward_hook(
+        lambda _m, _i, out, i=i: captured[i].append(out[0] if isinstance(out, tuple) else out))
+        for i, block in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            _, tokens, (_, levels), _ = _encode_levels(level_student, kind)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # one call of encode_*_levels plus one of the plain encode_* in _encode_levels
+    assert all(len(outs) == 2 for outs in captured.values())
+    for i, level in enumerate(levels):
+        expected = _pool_by_hand(level_student, kind, captured[i][0], tokens)
+        torch.testing.assert_close(level.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["image", "text"])
+def test_gradient_reaches_first_block_through_a_level(level_student, kind):
+    blocks = _blocks(level_student)[kind]
+    _, _, (_, levels), _ = _encode_levels(level_student, kind)
+    levels[0].pow(2).sum().backward()
+    first = [p.grad for p in blocks[0].parameters()]
+    assert all(g is not None for g in first) and any(g.abs().sum() > 0 for g in first)
+    # the deepest block lies after level 0: no gradient can come from it
+    assert all(p.grad is None or not p.grad.any() for p in blocks[-1].parameters())
+
+
+def test_single_block_towers_have_no_levels(student):
+    assert student.level_dims() == {"image": [], "text": []}
+    pixels = torch.randn(2, 3, 32, 32)
+    tokens = student.tokenize(CAPTIONS)
+    with torch.no_grad():
+        image, image_levels = student.encode_image_levels(pixels)
+        text, text_levels = student.encode_text_levels(tokens)
+        assert torch.equal(image, student.encode_image(pixels))
+        assert torch.equal(text, student.encode_text(tokens))
+    assert image_levels == [] and text_levels == []

@@ -159,7 +159,7 @@ def test_deleted_shard_is_caught_on_open_and_by_verify(make_dataset, tiny_teache
     (store / lost).unlink()  # one shard file of one array, as a sync tool or a user might lose it
     report = verify_cache(store)
     assert not report.ok and any(lost.split("/")[0] in f for f in report.faults)
-    with pytest.raises(CacheError, match="never written or read back as fill values"):
+    with pytest.raises(CacheError, match=f"shard file {lost} is missing"):
         TeacherCache.open(store)
 
 
@@ -275,3 +275,108 @@ def test_prefetch_reraises_producer_errors():
     assert next(stream) == 1
     with pytest.raises(ValueError, match="bad shard"):
         next(stream)
+
+
+def test_store_of_another_bad_image_policy_is_rebuilt(make_dataset, tiny_teacher, tmp_path):
+    """`on_bad_image` is part of what a kept store must match: a `skip` store may hold invalid
+    rows that `strict` refuses, so switching to `strict` reruns the teacher (and fails here)."""
+    root = make_dataset(corrupt={3})
+    run_teach(teach_cfg(root, tmp_path), "tiny", tiny_teacher, progress=False)
+    attrs = dict(zarr.open_group(str(tmp_path / "caches/tiny/train.zarr"), mode="r").attrs)
+    assert attrs["on_bad_image"] == "skip"
+    with pytest.raises(SampleDecodeError, match="s00003"):
+        run_teach(teach_cfg(root, tmp_path, on_bad_image="strict"), "tiny", tiny_teacher, progress=False)
+    assert TeacherCache.open(tmp_path / "caches/tiny/train.zarr").image_status[3] == ROW_INVALID
+
+
+def test_damaged_published_store_is_rebuilt_not_kept(make_dataset, tiny_teacher, tmp_path):
+    root = make_dataset(n_train=20)
+    cfg = teach_cfg(root, tmp_path)
+    run_teach(cfg, "tiny", tiny_teacher, progress=False)
+    store = tmp_path / "caches/tiny/train.zarr"
+    before = tree_digest(store)
+    (store / "text_id/c/1").unlink()
+    again = run_teach(cfg, "tiny", tiny_teacher, progress=False)
+    assert not again["up_to_date"] and again["forward_calls"] > 0
+    assert tree_digest(store) == before
+
+
+def test_verify_checks_ids_temporaries_and_expected_dataset(make_dataset, tiny_teacher, tmp_path):
+    root = make_dataset(n_train=10)
+    run_teach(teach_cfg(root, tmp_path), "tiny", tiny_teacher, progress=False)
+    store = tmp_path / "caches/tiny/train.zarr"
+    ours = load_manifest(root / "train").fingerprint
+    assert verify_cache(store, expect_dataset=ours).ok
+    other = "sha256:" + "1" * 64
+    assert any(f"expected {other}, found {ours}" in f
+               for f in verify_cache(store, expect_dataset=other).faults)
+    (store / "image_emb/c/0/0.0a1b.partial").write_bytes(b"x")
+    assert any("0.0a1b.partial" in f for f in verify_cache(store, deep=False).faults)
+    (store / "image_emb/c/0/0.0a1b.partial").unlink()
+    group = zarr.open_group(str(store), mode="r+")
+    to_image = group["text_to_image"][:]
+    to_image[3] = 0  # caption of sample 1 pointing at sample 0 (its shard rewritten whole)
+    group["text_to_image"][:8] = to_image[:8]
+    faults = verify_cache(store).faults
+    assert faults == ["text_to_image: 1 captions point at another sample's image "
+                      "(first text row 3: train-000000.tar/s00001#1)"]
+
+
+def test_neighbour_index_shard_lost_is_caught(tmp_path):
+    """A lost idx shard reads back as -1 (the 'no neighbour' value): caught by its similarity."""
+    random_cache(tmp_path / "caches/tiny/train.zarr", n_img=20, captions=1, dim=8)
+    cfg = NeighborsConfig(teacher="tiny", k=3, cache_root=str(tmp_path / "caches"),
+                          out_root=str(tmp_path / "nn"), rows_per_shard=8)
+    run_neighbors(cfg, "tiny", progress=False)
+    store = tmp_path / "nn/tiny/train.zarr"
+    cache_fp = TeacherCache.open(tmp_path / "caches/tiny/train.zarr").teacher_fingerprint
+    assert open_neighbors(store, expect_teacher=cache_fp)["i2t_topk_idx"].shape == (20, 3)
+    (store / "i2t_topk_idx/c/1/0").write_bytes(b"")
+    with pytest.raises(CacheError, match=r"i2t_topk_idx/c/1/0 is empty"):
+        open_neighbors(store)
+    (store / "i2t_topk_idx/c/1/0").unlink()
+    report = verify_cache(store)
+    assert any("i2t_topk_idx: 8 rows hold fill values (first row 8)" in f for f in report.faults)
+
+
+def test_scratch_markers_without_staging_are_discarded(tmp_path):
+    """A run killed right after publishing leaves done markers but no staging: not trusted."""
+    from pipeline.scratch import ScratchRun
+
+    run = ScratchRun(tmp_path / "out", "sha256:x")
+    run.mark_done("u1")
+    (run.staging / "a").mkdir()
+    run.publish()
+    assert (tmp_path / "out/a").is_dir() and not run.dir.exists()
+    run.dir.mkdir(parents=True)
+    (run.dir / "run.json").write_text('{"fingerprint": "sha256:x"}')
+    (run.dir / "done").mkdir()
+    (run.dir / "done/u1.json").write_text("{}")
+    assert not ScratchRun(tmp_path / "out", "sha256:x").is_done("u1")
+
+
+def test_lock_is_reentrant_in_its_thread_only(tmp_path):
+    from pipeline.lock import lock_path, output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out) as path:
+        assert path == lock_path(out) and path.exists()
+        with output_lock(out):  # the stage locks, then run_teach locks again
+            pass
+        errors = []
+        thread = threading.Thread(target=lambda: errors.append(_try_lock(out)))
+        thread.start()
+        thread.join()
+        assert errors == ["another thread of this process is writing it"]
+        assert path.exists()
+    assert not path.exists()
+
+
+def _try_lock(out: Path) -> str:
+    from pipeline.lock import LockError, output_lock
+
+    try:
+        with output_lock(out):
+            return "locked"
+    except LockError as exc:
+        return str(exc).split(": ", 1)[1]

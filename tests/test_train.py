@@ -56,8 +56,9 @@ def _samples() -> list[dict]:
 
 
 def write_cache(path: Path, manifest, modalities=("image", "text"), dataset_fp: str | None = None,
-                logit_scale: float = 30.0) -> Path:
-    """A complete teacher cache whose embeddings are a one-hot code of each sample's colour."""
+                logit_scale: float = 30.0, teacher: str = "toy", noise: float = 0.0) -> Path:
+    """A complete teacher cache whose embeddings are a one-hot code of each sample's colour
+    (plus gaussian ``noise`` seeded by the teacher name, for teachers that should disagree)."""
     rows = list(iter_samples(manifest, decode_images=False))
     names = list(COLORS)
 
@@ -70,10 +71,14 @@ def write_cache(path: Path, manifest, modalities=("image", "text"), dataset_fp: 
                  for i, s in enumerate(rows) for c in range(len(s.captions))]
     status = np.array([ROW_INVALID if s.key == BROKEN_KEY else ROW_VALID for s in rows], np.uint8)
     text_emb = np.stack([code(t[2]) for t in text_rows])
+    if noise:
+        rng = np.random.default_rng(sum(teacher.encode()))
+        image_emb = image_emb + noise * rng.standard_normal(image_emb.shape).astype(np.float32)
+        text_emb = text_emb + noise * rng.standard_normal(text_emb.shape).astype(np.float32)
     return write_cache_from_arrays(
         path, image_ids=np.array([s.sample_id for s in rows]),
         text_ids=np.array([t[1] for t in text_rows]), text_to_image=np.array([t[0] for t in text_rows]),
-        teacher={"teacher": "toy"}, dataset_fingerprint=dataset_fp or manifest.fingerprint,
+        teacher={"teacher": teacher}, dataset_fingerprint=dataset_fp or manifest.fingerprint,
         split="train", logit_scale=logit_scale, image_status=status,
         image_emb=image_emb if "image" in modalities else None,
         text_emb=text_emb if "text" in modalities else None)
@@ -163,7 +168,9 @@ def test_train_end_to_end_loss_decreases(toy, tmp_path):
     summary = train(_cfg(toy, out, steps=30, checkpoint_every=100, augment=False), progress=False)
     rows = _log(out)
     assert list(rows[0]) == ["step", "epoch", "loss", "loss_contrastive", "loss_feature",
-                             "loss_similarity_kl", "lr", "logit_scale", "samples_per_s"]
+                             "loss_similarity_kl", "w_contrastive", "w_feature",
+                             "w_similarity_kl", "lr", "logit_scale", "samples_per_s"]
+    assert {r["w_similarity_kl"] for r in rows} == {"0.5"}  # fixed weights stay as configured
     assert [int(r["step"]) for r in rows] == list(range(1, 31))
     losses = [float(r["loss"]) for r in rows]
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])

@@ -1,0 +1,94 @@
+"""Assemble what the losses see (a ``DistillBatch``) from a collated batch and the stores.
+
+The student runs here (towers, intermediate levels, candidate captions); teacher values are
+only gathered from cached arrays, never computed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.losses import DistillBatch
+from pipeline.students import Student
+from pipeline.targets import TeacherTargets
+
+
+@dataclass
+class BatchPlan:
+    """What a run's objective reads beyond the student's final embeddings."""
+
+    targets: TeacherTargets
+    candidates: int = 0            # K: candidate captions per image (cached i2t neighbours)
+    itm_candidates: int = 0        # K_itm: of those, how many carry single-stream ITM scores
+    levels: bool = False           # intermediate features of both towers
+    captions: list[str] | None = None   # caption by text row (needed when candidates > 0)
+    _tokens: dict[int, Tensor] = field(default_factory=dict)
+
+    def tokens(self, student: Student, rows: np.ndarray) -> Tensor:
+        """Token ids of captions ``rows`` (memoised: candidates recur across steps)."""
+        assert self.captions is not None
+        missing = sorted({int(r) for r in rows} - self._tokens.keys())
+        if missing:
+            for row, ids in zip(missing, student.tokenize([self.captions[r] for r in missing])):
+                self._tokens[row] = ids
+        return torch.stack([self._tokens[int(r)] for r in rows])
+
+
+def _rows(emb: np.ndarray | None, rows: np.ndarray, device: torch.device) -> Tensor | None:
+    """Gather cached rows (plain data: no grad ever reaches them)."""
+    if emb is None:
+        return None
+    return torch.from_numpy(np.ascontiguousarray(emb[rows])).to(device)
+
+
+def _encode(student: Student, pixels: Tensor, tokens: Tensor, levels: bool
+            ) -> tuple[Tensor, Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
+    if not levels:
+        return student.encode_image(pixels), student.encode_text(tokens), (), ()
+    image_emb, image_levels = student.encode_image_levels(pixels)
+    text_emb, text_levels = student.encode_text_levels(tokens)
+    return image_emb, text_emb, tuple(image_levels), tuple(text_levels)
+
+
+def candidate_fields(plan: BatchPlan, student: Student, image_rows: np.ndarray,
+                     device: torch.device) -> dict[str, Tensor]:
+    """Student embeddings of each image's K candidate captions and the teachers' view of them."""
+    t = plan.targets
+    cand = t.topk["i2t_topk_idx"][image_rows, :plan.candidates]            # [B, K], -1 = none
+    valid = (cand >= 0) & t.text_valid[np.maximum(cand, 0)]
+    safe = np.where(valid, cand, 0)
+    tokens = plan.tokens(student, safe.reshape(-1)).to(device)
+    cand_emb = student.encode_text(tokens).float().reshape(*cand.shape, -1)
+    sim = np.einsum("bd,bkd->bk", t.image_emb[image_rows], t.text_emb[safe])
+    out = {"cand_text_emb": cand_emb,
+           "cand_teacher_sim": torch.from_numpy(sim.astype(np.float32)).to(device),
+           "cand_is_positive": torch.from_numpy(t.text_to_image[safe] == image_rows[:, None]).to(device),
+           "cand_valid": torch.from_numpy(valid).to(device)}
+    if plan.itm_candidates:
+        out["cand_itm"] = _rows(t.cand_itm[:, :plan.itm_candidates], image_rows, device)
+    return out
+
+
+def assemble(plan: BatchPlan, student: Student, batch: dict[str, Any], device: torch.device,
+             amp: bool) -> DistillBatch:
+    """Run the student on a collated batch and pair its outputs with the cached targets."""
+    t = plan.targets
+    pixels = batch["pixels"].to(device, non_blocking=True)
+    tokens = student.tokenize(batch["captions"]).to(device)
+    image_rows, text_rows = batch["image_rows"].numpy(), batch["text_rows"].numpy()
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        image_emb, text_emb, image_levels, text_levels = _encode(student, pixels, tokens, plan.levels)
+        extra = candidate_fields(plan, student, image_rows, device) if plan.candidates else {}
+    roles = {name: _rows(emb, text_rows if name in ("text_teacher_emb", "single_text_emb")
+                         else image_rows, device) for name, emb in t.role_emb.items()}
+    return DistillBatch(
+        image_emb.float(), text_emb.float(), student.logit_scale.exp(),
+        _rows(t.image_emb, image_rows, device), _rows(t.text_emb, text_rows, device),
+        t.logit_scale, batch["image_rows"].to(device), batch["text_rows"].to(device),
+        image_levels=tuple(x.float() for x in image_levels),
+        text_levels=tuple(x.float() for x in text_levels),
+        **roles, **{k: (v.float() if v.is_floating_point() else v) for k, v in extra.items()})
