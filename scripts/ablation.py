@@ -77,19 +77,22 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--set", nargs="*", default=[], help="extra -S overrides for every run")
     parser.add_argument("--out", default="docs/ablation")
+    parser.add_argument("--append", action="store_true",
+                        help="add to the runs already in <out>.json instead of starting afresh")
     args = parser.parse_args()
     params = yaml.safe_load(Path("params.yaml").read_text())
     descriptions = {k: v.get("description", "") for k, v in (params.get("recipes") or {}).items()}
     unknown = sorted(set(args.recipes) - set(descriptions))
     if unknown:
         sys.exit(f"unknown recipe(s) {unknown}; known: {sorted(descriptions)}")
-    results = []
+    raw = Path(f"{args.out}.json")
+    results = json.loads(raw.read_text()) if args.append and raw.exists() else []
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     try:
         for seed in args.seeds:  # seed-major: a cut-short run still covers every recipe once
             for recipe in args.recipes:
                 results.append(run_one(recipe, seed, args.set))
-                Path(f"{args.out}.json").write_text(json.dumps(results, indent=2) + "\n")
+                raw.write_text(json.dumps(results, indent=2) + "\n")
     finally:
         subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], check=False)
         subprocess.run(["dvc", "checkout", "--quiet"], check=False)

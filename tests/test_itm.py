@@ -253,3 +253,28 @@ def test_teacher_with_only_score_pairs_gives_the_same_scores(make_dataset, tiny_
     b = open_itm_scores(tmp_path / "pairs/dual/train.zarr")
     np.testing.assert_array_equal(a.cand_idx, b.cand_idx)
     np.testing.assert_allclose(a.cand_itm, b.cand_itm, atol=1e-5)
+
+
+def test_a_second_writer_is_refused_by_the_output_lock(make_dataset, tiny_teacher, blip, tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.lock import LockError
+
+    root = make_dataset(n_train=6)
+    build_neighbors(root, tiny_teacher, tmp_path)
+    cfg = itm_cfg(root, tmp_path)
+    out = Path(cfg.out_root) / "dual"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.lock import output_lock\n"
+         "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
+         str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LockError, match=f"pid {holder.pid}"):
+            run_itm(cfg, blip, progress=False)
+        assert not out.exists()  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_itm(cfg, blip, progress=False)["units_computed"] == 1  # dead holder: taken over

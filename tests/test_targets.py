@@ -122,3 +122,27 @@ def test_planned_stream_yields_the_planned_order(tmp_path, split, workers):
     valid = [int(r) for r in order if targets.image_valid[r]]
     assert len(invalid) and skipped == invalid.tolist()
     assert seen == valid[:len(valid) // 4 * 4]
+
+
+def test_every_recipe_of_params_yaml_builds_and_fits_the_demo_stores():
+    """A recipe with a typo or a need the demo's stores cannot meet fails here, not in `dvc exp`."""
+    import yaml
+
+    from pipeline.losses import build_objective, check_requirements
+    from pipeline.students import create_student
+    from tests.test_train import REPO
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    fields = {"image_emb", "text_emb", "vision_teacher_emb", "text_teacher_emb", "single_image_emb",
+              "single_text_emb", "i2t_topk_idx", "i2t_cand_itm"}
+    dims = {"image": 384, "text": 384, "vision_teacher": 1280, "text_teacher": 384,
+            "single_image": 16, "single_text": 16}
+    student = create_student(params["train"]["student"], **params["train"]["student_kwargs"])
+    assert params["train"]["recipe"] in params["recipes"]
+    for name in params["recipes"]:
+        cfg = load_train_config({**params, "train": {**params["train"], "recipe": name}})
+        objective = build_objective(cfg.losses, student.embed_dim, dims,
+                                    level_dims=student.level_dims(), balancer=cfg.balancer,
+                                    balancer_kwargs=cfg.balancer_kwargs)
+        check_requirements(objective, fields, neighbor_k=params["neighbors"]["k"],
+                           itm_k=params["itm"]["k"])
