@@ -26,6 +26,7 @@ from pipeline.teach import TeachConfig, run_teach
 from pipeline.teachers import create_teacher
 from stages.cli import app
 from tests.conftest import TINY_CLIP_CFG
+from tests.test_teach import Interrupting as TeachInterrupting
 
 K_NEIGHBORS = 5
 
@@ -107,24 +108,11 @@ def test_rerun_does_nothing_and_other_dataset_is_refused(make_dataset, tiny_teac
     assert other in str(err.value) and load_manifest(root / "train").fingerprint in str(err.value)
 
 
-class Interrupting(torch.nn.Module):
-    """Wraps the ITM teacher; fails after ``budget`` scoring calls, or returns Inf for one pair."""
-
-    def __init__(self, inner, budget: int, nan: bool = False) -> None:
-        super().__init__()
-        self.inner, self.budget, self.nan = inner, budget, nan
-        self.forward_calls = 0
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
+class Interrupting(TeachInterrupting):
+    """The teach tests' wrapper, counting ITM scoring calls; ``nan`` returns Inf for one pair."""
 
     def score_candidates(self, pixels, texts):
-        self.forward_calls += 1
-        if self.forward_calls > self.budget:
-            raise KeyboardInterrupt("simulated interruption")
+        self._count()
         out = self.inner.score_candidates(pixels, texts).clone()
         if self.nan and self.forward_calls == 1:
             out[1] = float("inf")  # second candidate of the first image
