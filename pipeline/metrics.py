@@ -14,14 +14,11 @@ Conventions shared by every metric:
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
-
-# A tile provider returns the [len(rows), len(cols)] similarity block for query rows x key columns.
-TileFn = Callable[[slice, slice], np.ndarray]
 
 NDCG_DEFINITION = (
     "NDCG@k with linear gain: DCG@k(q) = sum_{r=1..k} rel(q, d_r) / log2(r + 1) over the k most "
@@ -36,65 +33,103 @@ NDCG_DEFINITION = (
 
 # ----------------------------------------------------------------------------- recall
 
+# Tiles of a query block: yields (key indices [m], similarities [rows, m]) blocks that together
+# cover every key once. Both passes of the ranking read the same tiles, so a positive and the
+# negatives it is compared with come from the very same computed values.
+TileFn = Callable[[slice], Iterator[tuple[np.ndarray, np.ndarray]]]
 
-def _embedding_tiles(queries: np.ndarray, keys: np.ndarray) -> TileFn:
-    """Tiles of ``queries @ keys.T`` in float32, computed on demand."""
+
+def _unique_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows of ``x`` (bitwise) and, per row, the index of its distinct row."""
+    x = np.ascontiguousarray(x)
+    if len(x) == 0 or x.shape[1] == 0:
+        return x[:1], np.zeros(len(x), dtype=np.int64)
+    rows = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    return x[first], inverse.ravel().astype(np.int64)
+
+
+def _embedding_tiles(queries: np.ndarray, keys: np.ndarray, block_cols: int) -> TileFn:
+    """Tiles of ``queries @ keys.T`` in float32, computed on demand.
+
+    Identical key rows are computed once (as one distinct row) and their similarity is copied to
+    every duplicate, so exact duplicates tie exactly: a matrix product may round the same dot
+    product differently at different positions of its output, which would let a duplicate
+    caption rank ahead of the positive it copies, depending on the block size.
+    """
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    k = np.ascontiguousarray(keys, dtype=np.float32)
-    return lambda rows, cols: q[rows] @ k[cols].T
+    distinct, inverse = _unique_rows(np.ascontiguousarray(keys, dtype=np.float32))
+    order = np.argsort(inverse, kind="stable")   # keys grouped by their distinct row
+    sorted_uid = inverse[order]
+
+    def tiles(rows: slice) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for u0 in range(0, len(distinct) if len(keys) else 0, block_cols):
+            u1 = min(u0 + block_cols, len(distinct))
+            lo, hi = np.searchsorted(sorted_uid, [u0, u1])
+            sims = q[rows] @ distinct[u0:u1].T
+            yield order[lo:hi], sims[:, sorted_uid[lo:hi] - u0]
+    return tiles
+
+
+def _matrix_tiles(block: Callable[[slice, slice], np.ndarray], n_keys: int, block_cols: int) -> TileFn:
+    """Tiles read from a precomputed similarity matrix (``block(rows, cols)``)."""
+    def tiles(rows: slice) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for c0 in range(0, n_keys, block_cols):
+            c1 = min(c0 + block_cols, n_keys)
+            yield np.arange(c0, c1), block(rows, slice(c0, c1))
+    return tiles
+
+
+def _best_positive(tile: TileFn, n_queries: int, query_group: np.ndarray, key_group: np.ndarray,
+                   block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: similarity and index of its best positive key (ties: lower index), read from
+    the tiles. Queries without any positive get index -1."""
+    best_sim = np.full(n_queries, -np.inf, dtype=np.float64)  # holds float32 values exactly
+    best_idx = np.full(n_queries, -1, dtype=np.int64)
+    no_key = np.iinfo(np.int64).max
+    for r0 in range(0, n_queries, block_rows):
+        rows = slice(r0, min(r0 + block_rows, n_queries))
+        g = query_group[rows, None]
+        for key_idx, sims in tile(rows):
+            pos = key_group[key_idx][None, :] == g
+            has = pos.any(axis=1)
+            if not has.any():
+                continue
+            masked = np.where(pos, sims, -np.inf)
+            top = masked.max(axis=1)
+            first = np.where(pos & (masked == top[:, None]), key_idx[None, :], no_key).min(axis=1)
+            cur_sim, cur_idx = best_sim[rows], best_idx[rows]
+            better = has & ((cur_idx < 0) | (top > cur_sim) | ((top == cur_sim) & (first < cur_idx)))
+            cur_sim[better], cur_idx[better] = top[better], first[better]
+    return best_sim, best_idx
 
 
 def _ranks_by_counting(
     tile: TileFn,
     n_queries: int,
-    n_keys: int,
-    best_sim: np.ndarray,
-    best_idx: np.ndarray,
     query_group: np.ndarray,
     key_group: np.ndarray,
     block_rows: int,
-    block_cols: int,
 ) -> np.ndarray:
     """0-based rank of each query's best positive: the number of negatives ordered before it.
 
     A key is positive for a query when ``key_group[key] == query_group[query]``. Positives are
     never counted, so the result is the position of the first positive in the ranked list (every
-    item before the best positive is a negative). Queries with ``best_idx < 0`` get rank -1.
+    item before the best positive is a negative). Queries without a positive get rank -1.
     """
+    best_sim, best_idx = _best_positive(tile, n_queries, query_group, key_group, block_rows)
     ranks = np.zeros(n_queries, dtype=np.int64)
     for r0 in range(0, n_queries, block_rows):
         rows = slice(r0, min(r0 + block_rows, n_queries))
         s = best_sim[rows, None]
         b = best_idx[rows, None]
         g = query_group[rows, None]
-        for c0 in range(0, n_keys, block_cols):
-            cols = slice(c0, min(c0 + block_cols, n_keys))
-            sims = tile(rows, cols)
-            key_idx = np.arange(cols.start, cols.stop)[None, :]
-            before = (sims > s) | ((sims == s) & (key_idx < b))
-            before &= key_group[None, cols] != g
+        for key_idx, sims in tile(rows):
+            before = (sims > s) | ((sims == s) & (key_idx[None, :] < b))
+            before &= key_group[None, key_idx] != g
             ranks[rows] += before.sum(axis=1)
     ranks[best_idx < 0] = -1
     return ranks
-
-
-def _best_caption_per_image(pos_sim: np.ndarray, text_to_image: np.ndarray, n_images: int
-                            ) -> tuple[np.ndarray, np.ndarray]:
-    """Per image: similarity and index of its highest-scoring caption (ties: lower index).
-
-    Images without any caption get sim -inf and index -1.
-    """
-    text_idx = np.arange(len(text_to_image))
-    # Sorted by image, then descending sim, then index: the first caption of each image wins.
-    order = np.lexsort((text_idx, -pos_sim.astype(np.float64), text_to_image))
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = text_to_image[order[1:]] != text_to_image[order[:-1]]
-    winners = order[first]
-    best_sim = np.full(n_images, -np.inf, dtype=np.float32)
-    best_idx = np.full(n_images, -1, dtype=np.int64)
-    best_sim[text_to_image[winners]] = pos_sim[winners]
-    best_idx[text_to_image[winners]] = winners
-    return best_sim, best_idx
 
 
 def _check_alignment(n_images: int, n_texts: int, text_to_image: np.ndarray) -> np.ndarray:
@@ -108,18 +143,14 @@ def _check_alignment(n_images: int, n_texts: int, text_to_image: np.ndarray) -> 
     return t2i
 
 
-def _ranks(tile_i2t: TileFn, tile_t2i: TileFn, pos_sim: np.ndarray, t2i: np.ndarray,
-           n_images: int, block_rows: int, block_cols: int) -> tuple[np.ndarray, np.ndarray]:
-    """Both directions' ranks, given tile providers and each caption's similarity to its image."""
-    n_texts = len(t2i)
+def _ranks(tile_i2t: TileFn, tile_t2i: TileFn, t2i: np.ndarray, n_images: int,
+           block_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both directions' ranks, given the tile providers of each direction."""
     image_idx = np.arange(n_images)
-    best_sim, best_idx = _best_caption_per_image(pos_sim, t2i, n_images)
-    i2t = _ranks_by_counting(tile_i2t, n_images, n_texts, best_sim, best_idx,
-                             query_group=image_idx, key_group=t2i,
-                             block_rows=block_rows, block_cols=block_cols)
-    t2i_ranks = _ranks_by_counting(tile_t2i, n_texts, n_images, pos_sim.astype(np.float32), t2i,
-                                   query_group=t2i, key_group=image_idx,
-                                   block_rows=block_rows, block_cols=block_cols)
+    i2t = _ranks_by_counting(tile_i2t, n_images, query_group=image_idx, key_group=t2i,
+                             block_rows=block_rows)
+    t2i_ranks = _ranks_by_counting(tile_t2i, len(t2i), query_group=t2i, key_group=image_idx,
+                                   block_rows=block_rows)
     return i2t, t2i_ranks
 
 
@@ -135,15 +166,17 @@ def retrieval_ranks(
     Returns ``(i2t_ranks [N_img], t2i_ranks [N_txt])``. ``i2t_ranks[i]`` is the position of the
     first of image i's captions in its ranked caption list (-1 if the image has no caption), so
     "hit at K" means any of its captions is in the top K. ``t2i_ranks[j]`` is the position of
-    caption j's one image. Peak extra memory is ``block_rows x block_cols`` floats.
+    caption j's one image. Positives and negatives are compared on the same computed float32
+    similarities, and identical embeddings get identical similarities, so the lower-row tie rule
+    holds for exact duplicates whatever the block sizes. Each tile is computed twice (once to find
+    the best positive, once to count what ranks ahead of it); peak extra memory is about
+    ``block_rows x block_cols`` floats.
     """
     t2i = _check_alignment(len(image_emb), len(text_emb), text_to_image)
     img = np.ascontiguousarray(image_emb, dtype=np.float32)
     txt = np.ascontiguousarray(text_emb, dtype=np.float32)
-    # Each caption's similarity to its own image, from the same float32 embeddings as the tiles.
-    pos_sim = np.einsum("nd,nd->n", txt, img[t2i]) if len(t2i) else np.zeros(0, np.float32)
-    return _ranks(_embedding_tiles(img, txt), _embedding_tiles(txt, img), pos_sim, t2i,
-                  len(img), block_rows, block_cols)
+    return _ranks(_embedding_tiles(img, txt, block_cols), _embedding_tiles(txt, img, block_cols),
+                  t2i, len(img), block_rows)
 
 
 def retrieval_ranks_from_sims(sims: np.ndarray, text_to_image: np.ndarray,
@@ -152,9 +185,9 @@ def retrieval_ranks_from_sims(sims: np.ndarray, text_to_image: np.ndarray,
     """Like :func:`retrieval_ranks` but from a precomputed ``[N_img, N_txt]`` similarity matrix."""
     sims = np.asarray(sims)
     t2i = _check_alignment(sims.shape[0], sims.shape[1], text_to_image)
-    pos_sim = sims[t2i, np.arange(len(t2i))]
-    return _ranks(lambda r, c: sims[r, c], lambda r, c: sims[c, r].T, pos_sim, t2i,
-                  sims.shape[0], block_rows, block_cols)
+    return _ranks(_matrix_tiles(lambda r, c: sims[r, c], sims.shape[1], block_cols),
+                  _matrix_tiles(lambda r, c: sims[c, r].T, sims.shape[0], block_cols),
+                  t2i, sims.shape[0], block_rows)
 
 
 def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:

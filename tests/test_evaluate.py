@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +16,8 @@ import torch
 from tests.conftest import TINY_CLIP_CFG
 from pipeline.cache import TeacherCache
 from pipeline.data.shards import SkipCounter, iter_samples, load_manifest
-from pipeline.evaluate import EvalConfig, evaluate, parameters_used
+from pipeline.evaluate import EvalConfig, evaluate
+from pipeline.evaluation.efficiency import parameters_used
 from pipeline.students import create_student, load_student, save_checkpoint
 from pipeline.teach import TeachConfig, run_teach
 
@@ -53,6 +57,7 @@ def eval_setup(make_dataset, tiny_teacher, tmp_path: Path) -> EvalConfig:
     torch.manual_seed(1)  # a different model from the teacher, so the two score differently
     student = tiny_student()
     save_checkpoint(tmp_path / "student/student.safetensors", student, {}, student.spec())
+    _write_train_log(tmp_path / "student/train_log.csv")
     out = tmp_path / "eval"
     return EvalConfig(
         dataset=str(root / "test"), student_dir=str(tmp_path / "student"),
@@ -60,8 +65,19 @@ def eval_setup(make_dataset, tiny_teacher, tmp_path: Path) -> EvalConfig:
         teacher_kwargs={"model_cfg": TINY_CLIP_CFG, "pretrained": None}, ks=KS, curve_max_k=12,
         latency_batch_sizes=(1, 4), latency_warmup=1, latency_repeats=2,
         metrics_path=str(out / "metrics.json"), plots_dir=str(out / "plots"),
-        report_path=str(out / "report.md"),
+        report_path=str(out / "report.md"), html_path=str(out / "index.html"),
+        gallery_captions=3, gallery_images=2, gallery_top=5,
     )
+
+
+def _write_train_log(path: Path) -> None:
+    """A train_log.csv as train writes it: loss, terms, a balancer weight and a learned scalar."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "epoch", "loss", "loss_contrastive", "loss_epmvg", "w_contrastive",
+                    "lambda_sard_relational", "lr", "logit_scale", "samples_per_s"])
+        for step in range(1, 11):
+            w.writerow([step, 0, 3 / step, 2 / step, 1 / step, 1.0, 0.5 + step / 100, 1e-3, 14.3, 100])
 
 
 def _valid_cache_rows(cache: TeacherCache) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -129,8 +145,12 @@ def test_evaluate_end_to_end(eval_setup: EvalConfig):
         towers = eff[model]["params_image"] + eff[model]["params_text"]
         assert 0 < towers <= eff[model]["params_total"]
     assert written["student"] != written["teacher"]
+    machine = written["machine"]
+    assert machine["torch_threads"] == torch.get_num_threads() and machine["cpus"] >= 1
+    assert machine["load_1min"] >= 0
     _check_plots(cfg, written)
     _check_report(cfg)
+    _check_html(cfg, image_emb, text_emb, t2i)
 
 
 def _check_plots(cfg: EvalConfig, written: dict) -> None:
@@ -156,7 +176,63 @@ def _check_report(cfg: EvalConfig) -> None:
         assert heading in report
     assert "| i2t_R@1 |" in report and "rel = 2 if d is another caption" in report
     assert report.count("(cos ") == 3 * cfg.n_examples  # top-3 captions for each example image
-    assert "VmHWM" in report
+    assert "VmHWM" in report and "load average while timing" in report
+
+
+def _check_html(cfg: EvalConfig, image_emb: np.ndarray, text_emb: np.ndarray, t2i: list[int]) -> None:
+    """The HTML report is self-contained, and its gallery shows the student's true top-5."""
+    page = Path(cfg.html_path).read_text(encoding="utf-8")
+    sources = re.findall(r'<img src="([^"]*)"', page)
+    assert sources and all(src.startswith("data:image/png;base64,") for src in sources)
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from a network
+    for alt in ("Recall@K curves", "Training curves"):
+        assert f'alt="{alt}"' in page
+    # Caption queries: evenly spaced captions 0, 10, 21 of 22; each shows 5 images per model.
+    queries = np.unique(np.linspace(0, len(t2i) - 1, cfg.gallery_captions).round().astype(int))
+    assert page.count('<div class="query">') == len(queries)
+    assert page.count('<div class="hit') == 2 * cfg.gallery_top * len(queries)
+    student_true = 0
+    for j in queries:
+        sims = image_emb.astype(np.float64) @ text_emb[j].astype(np.float64)
+        top = sorted(range(len(image_emb)), key=lambda i: (-sims[i], i))[:cfg.gallery_top]
+        student_true += t2i[j] in top
+    teacher_true = page.count('class="hit true"') - student_true
+    assert 0 <= teacher_true <= len(queries)
+    assert page.count('<div class="query imgq">') == cfg.gallery_images
+
+
+def find_chromium() -> str | None:
+    """A Chromium (or Chrome) binary on PATH, if any."""
+    names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
+def rendered_body(page: Path) -> str:
+    """The <body> tag of ``page`` after a real headless Chromium loaded it and ran its scripts."""
+    proc = subprocess.run([find_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+                           "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return re.search(r"<body[^>]*>", proc.stdout).group(0)
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="needs Chromium (apt-get install chromium)")
+def test_html_report_renders_in_chromium(eval_setup: EvalConfig, tmp_path: Path):
+    cfg = replace(eval_setup, measure_memory=False)
+    evaluate(cfg, progress=False)
+    page = Path(cfg.html_path)
+    n_images = len(re.findall(r"<img ", page.read_text(encoding="utf-8")))
+    # 2 plots, 3 captions x 2 models x top-5, 2 image queries
+    assert n_images == 2 + 3 * 2 * cfg.gallery_top + 2
+    body = rendered_body(page)
+    assert f'data-images-loaded="{n_images}"' in body and 'data-images-broken="0"' in body
+    # The same page with one picture's bytes damaged: the browser reports it as broken.
+    text = page.read_text(encoding="utf-8")
+    damaged = tmp_path / "damaged.html"
+    damaged.write_text(text.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1),
+                       encoding="utf-8")
+    body = rendered_body(damaged)
+    assert f'data-images-loaded="{n_images - 1}"' in body and 'data-images-broken="1"' in body
 
 
 def test_student_only_and_unbuildable_teacher(eval_setup: EvalConfig):
@@ -165,6 +241,8 @@ def test_student_only_and_unbuildable_teacher(eval_setup: EvalConfig):
     result = evaluate(cfg, progress=False)
     assert "teacher" not in result and "pct_of_teacher" not in result
     assert set(result["efficiency"]) == {"student"}
+    page = Path(cfg.html_path).read_text(encoding="utf-8")  # student-only gallery
+    assert page.count('<div class="hit') == cfg.gallery_top * cfg.gallery_captions
     # Without a cache only the undecodable image (and its two captions) is excluded.
     assert (result["counts"]["n_images_excluded"], result["counts"]["n_texts_excluded"]) == (1, 2)
     report = Path(cfg.report_path).read_text()

@@ -219,3 +219,53 @@ def test_ndcg_matches_brute_force_with_ties(seed):
 def test_misaligned_text_to_image_raises():
     with pytest.raises(ValueError, match="text_to_image"):
         metrics.retrieval_ranks(np.zeros((2, 3)), np.zeros((3, 3)), np.array([0, 1, 2]))
+
+
+# ----------------------------------------------------------------------------- exact duplicates
+
+
+def _exact_sims(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Correctly rounded float64 dot products of float32 rows (math.fsum of exact products), so
+    identical rows get identical similarities whatever the order of summation."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return np.array([[math.fsum(x * y) for y in b64] for x in a64])
+
+
+def _duplicated_problem(seed: int):
+    """Unit embeddings in 256-d with exact duplicate captions (of other images, above and below
+    the positive's row) and exact duplicate images, as identical COCO captions produce."""
+    rng = np.random.default_rng(seed)
+    n_img, dim = 24, 256
+    image_emb = rng.normal(size=(n_img, dim)).astype(np.float32)
+    image_emb /= np.linalg.norm(image_emb, axis=1, keepdims=True)
+    t2i = np.repeat(np.arange(n_img), 2)
+    # Captions are noisy copies of their image; then every 3rd caption is copied onto a caption
+    # of another image, before and after it in row order.
+    text_emb = image_emb[t2i] + 0.6 / np.sqrt(dim) * rng.normal(size=(len(t2i), dim)).astype(np.float32)
+    text_emb /= np.linalg.norm(text_emb, axis=1, keepdims=True)
+    for j in range(0, len(t2i), 3):
+        text_emb[(j + 7) % len(t2i)] = text_emb[j]
+        text_emb[(j + 29) % len(t2i)] = text_emb[j]
+    image_emb[5] = image_emb[17]   # two identical images: captions of 17 tie on image 5
+    image_emb[20] = image_emb[2]
+    return image_emb.astype(np.float32), text_emb.astype(np.float32), t2i
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recall_exact_duplicates_follow_tie_rule_for_any_block_size(seed):
+    image_emb, text_emb, t2i = _duplicated_problem(seed)
+    sims = _exact_sims(image_emb, text_emb)
+    want_i2t, want_t2i = brute_ranks(sims, t2i.tolist())
+    # The problem has positives tied exactly with a negative of lower row (which must rank first)
+    # and of higher row (which must not), in both directions.
+    tied_lower = tied_higher = 0
+    for j, i in enumerate(t2i):
+        ties = np.flatnonzero((sims[:, j] == sims[i, j]) & (np.arange(len(image_emb)) != i))
+        tied_lower += int((ties < i).any())
+        tied_higher += int((ties > i).any())
+    assert tied_lower and tied_higher
+    assert any((sims[i] == sims[i, j]).sum() > 1 for j, i in enumerate(t2i))
+    for block_rows, block_cols in [(1, 1), (3, 5), (7, 16), (1024, 16384)]:
+        got = metrics.retrieval_ranks(image_emb, text_emb, t2i, block_rows, block_cols)
+        assert got[0].tolist() == want_i2t, (block_rows, block_cols)
+        assert got[1].tolist() == want_t2i, (block_rows, block_cols)
