@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import PIL.Image
 
+from pipeline.evaluation.efficiency import busy_note
 from pipeline.evaluation.report import efficiency_rows, fmt
 from pipeline.evaluation.scoring import Gallery
 
@@ -135,8 +136,7 @@ def training_figure(log: dict[str, np.ndarray]) -> str | None:
         return None
     step = log["step"]
     terms = ["loss"] + sorted(c for c in log if c.startswith("loss_"))
-    extras = sorted(c for c in log if c.startswith(("w_", "lambda_"))) + [
-        c for c in ("logit_scale",) if c in log]
+    extras = sorted(c for c in log if c.startswith(("w_", "lambda_")))
 
     def draw(fig) -> None:
         axes = fig.subplots(1, 2 if extras else 1, squeeze=False)[0]
@@ -148,7 +148,7 @@ def training_figure(log: dict[str, np.ndarray]) -> str | None:
         if extras:
             for col in extras:
                 axes[1].plot(step, log[col], label=col)
-            axes[1].set(title="balancer weights, learned scalars", xlabel="step")
+            axes[1].set(title="balancer weights and learned λ", xlabel="step")
             axes[1].grid(alpha=.3)
             axes[1].legend(fontsize=7)
     return _figure_uri(draw, (9, 3.4))
@@ -225,6 +225,7 @@ def write_html_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any],
     """Write the self-contained HTML report; ``images`` maps every gallery sample id to its image."""
     thumbs = {sid: png_data_uri(thumbnail(im)) for sid, im in images.items()}
     counts, machine = metrics["counts"], metrics.get("machine", {})
+    busy = busy_note(machine) if machine else None
     recall_uri = recall_figure(curves)
     train_uri = training_figure(read_train_log(Path(cfg.student_dir) / "train_log.csv"))
     figure = lambda uri, alt: f'<figure><img src="{uri}" alt="{alt}"></figure>' if uri else (  # noqa: E731
@@ -246,8 +247,10 @@ def write_html_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any],
         f"<p class=note>Device <code>{_e(device)}</code>, {fmt(machine.get('torch_threads'))} torch "
         f"threads of {fmt(machine.get('cpus'))} CPUs; load average while timing "
         f"{fmt(machine.get('load_1min'))} (1 min).</p>",
+        *([f"<p class=warn>{_e(busy)}</p>"] if busy else []),
         "<h2>Retrieval gallery</h2>", _gallery_html(gallery, thumbs),
     ]
+    notes = [n for n in notes if n != busy]  # shown beside the timings already
     if notes:
         body += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"]
     page = ("<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
