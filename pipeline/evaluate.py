@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from pipeline import metrics as M
 from pipeline.cache import TeacherCache
+from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.data.shards import Manifest, SkipCounter, iter_samples, load_manifest
 from pipeline.devices import resolve_device
 from pipeline.progress import progress_task
@@ -61,20 +62,25 @@ class EvalConfig:
     teacher_cache: str | None = "caches/demo_clip/test.zarr"  # same split; null = student only
     teacher: str | None = "demo_clip"            # registry name for efficiency; null = skip it
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_teacher
-    ks: tuple[int, ...] = (1, 5, 10)             # Recall@K cut-offs (RSUM sums them over both directions)
-    curve_max_k: int = 50                        # Recall@K curve for K = 1..curve_max_k
-    ndcg_k: int = 10                             # single-modal NDCG cut-off
-    encode_batch_size: int = 64                  # images (and texts) per student forward when encoding
-    latency_batch_sizes: tuple[int, ...] = (1, 64)  # batch sizes timed for the efficiency table
-    latency_warmup: int = 2                      # untimed calls before timing (allocator, caches)
-    latency_repeats: int = 5                     # timed calls; the median is reported
+    ks: tuple[int, ...] = setting((1, 5, 10), minimum=1, min_items=1)  # Recall@K cut-offs (RSUM sums
+                                                 # them over both directions)
+    curve_max_k: int = setting(50, minimum=1)    # Recall@K curve for K = 1..curve_max_k
+    ndcg_k: int = setting(10, minimum=1)         # single-modal NDCG cut-off
+    encode_batch_size: int = setting(64, minimum=1)  # images (and texts) per student forward when encoding
+    latency_batch_sizes: tuple[int, ...] = setting((1, 64), minimum=1)  # batch sizes timed for the
+                                                 # efficiency table
+    latency_warmup: int = setting(2, minimum=0)  # untimed calls before timing (allocator, caches)
+    latency_repeats: int = setting(5, minimum=1)  # timed calls; the median is reported
     measure_memory: bool = True                  # peak memory via a subprocess per model
-    device: str = "cpu"                          # "cpu", "cuda" or "auto"
-    block_rows: int = 1024                       # query rows per similarity tile (bounds memory)
-    n_examples: int = 3                          # test images shown with their top-3 captions
+    device: str = setting("cpu", pattern=DEVICE_PATTERN)  # "cpu", "cuda" or "auto"
+    block_rows: int = setting(1024, minimum=1)   # query rows per similarity tile (bounds memory)
+    n_examples: int = setting(3, minimum=0)      # test images shown with their top-3 captions
     metrics_path: str = "reports/eval/metrics.json"
     plots_dir: str = "reports/eval/plots"        # recall_at_k.csv (+ _wide.csv for dvc plots)
     report_path: str = "reports/eval/report.md"
+
+    def __post_init__(self) -> None:
+        check_settings(self, "evaluate")
 
 
 # ----------------------------------------------------------------------------- encoding

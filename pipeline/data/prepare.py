@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.config import check_settings, setting
 from pipeline.data.shards import IMAGE_EXTS, iter_raw, load_manifest, write_manifest, write_shards
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.scratch import replace_dir
@@ -54,13 +55,19 @@ class PrepareConfig:
     source: Literal["demo", "folder", "coco"] = "demo"  # kind of input, see module docstring
     src: str = "demo/emoji"  # demo: shard folder; folder/coco: folder holding the images
     out: str = "data/emoji"  # output root; gets train/ val/ test/ dataset directories
-    shard_size: int = 1000  # max samples per output shard
-    test_percent: int = 10  # share of samples (0-100) hashed into test
-    val_percent: int = 10  # share of samples (0-100) hashed into val
+    shard_size: int = setting(1000, minimum=1)  # max samples per output shard
+    test_percent: int = setting(10, minimum=0, maximum=100)  # share of samples hashed into test
+    val_percent: int = setting(10, minimum=0, maximum=100)   # share of samples hashed into val
     salt: str = "split-v1"  # mixed into the split hash; change it to draw a different split
     captions_file: str | None = None  # folder: CSV/JSONL path; None -> src/captions.{csv,jsonl}
     annotations_file: str | None = None  # coco: captions_*.json (COCO format)
     split_file: str | None = None  # coco: Karpathy dataset_coco.json; None -> hash rule
+
+    def __post_init__(self) -> None:
+        check_settings(self, "prepare")
+        if self.test_percent + self.val_percent > 100:
+            raise ConfigError("prepare.test_percent + prepare.val_percent must be <= 100, got "
+                              f"{self.test_percent} + {self.val_percent}")
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,6 @@ def assign_split(source_id: str, cfg: PrepareConfig) -> str:
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Read the source, split it and write ``<out>/<split>/`` atomically; return a summary."""
-    _check_config(cfg)
     samples = sorted(_read_source(cfg), key=lambda s: s.source_id)
     _check_samples(samples)
     by_split: dict[str, list[RawSample]] = {s: [] for s in SPLITS}
@@ -105,16 +111,6 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"source": cfg.source, "out": str(out), "n_images": len(samples),
             "splits": summary, "config": dataclasses.asdict(cfg)}
-
-
-def _check_config(cfg: PrepareConfig) -> None:
-    if cfg.shard_size < 1:
-        raise ConfigError(f"prepare.shard_size must be >= 1, got {cfg.shard_size}")
-    for name in ("test_percent", "val_percent"):
-        if not 0 <= getattr(cfg, name) <= 100:
-            raise ConfigError(f"prepare.{name} must be in 0..100, got {getattr(cfg, name)}")
-    if cfg.test_percent + cfg.val_percent > 100:
-        raise ConfigError("prepare.test_percent + prepare.val_percent must be <= 100")
 
 
 def _check_samples(samples: list[RawSample]) -> None:
