@@ -34,7 +34,7 @@ from pipeline.cache import TeacherCache
 from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.data.shards import Manifest, SkipCounter, iter_samples, load_manifest
 from pipeline.devices import resolve_device
-from pipeline.progress import progress_task
+from pipeline.progress import note, progress_task
 from pipeline.students import Student, load_student
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -653,6 +653,7 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None) -> dict[str, Any]:
     cache = (TeacherCache.open(cfg.teacher_cache, expect_dataset=manifest.fingerprint)
              if cfg.teacher_cache else None)
     rows = join_rows(split, cache)
+    note(f"evaluate: scoring retrieval on {len(rows.image_rows)} images", progress)
     labels = [split.labels[i] for i in rows.image_rows]
     student_scores = score_embeddings(split.image_emb[rows.image_rows], split.text_emb[rows.text_rows],
                                       rows.text_to_image, labels, cfg)
@@ -666,6 +667,7 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None) -> dict[str, Any]:
     metrics["counts"] = {**student_scores.counts, "n_images_excluded": rows.n_images_excluded,
                          "n_texts_excluded": rows.n_texts_excluded}
     notes: list[str] = []
+    note("evaluate: measuring size, latency and memory", progress)
     metrics["efficiency"] = measure_efficiency(cfg, student, split, device, notes)
     metrics = _clean(metrics)
     write_json(Path(cfg.metrics_path), metrics)

@@ -27,7 +27,6 @@ from pipeline.fingerprint import fingerprint
 from pipeline.lock import output_lock
 from pipeline.progress import progress_task
 from pipeline.scratch import ScratchRun, creating, disk_full_errors, recover_replaced
-from pipeline.topk import blocked_topk
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image"),
               "i2i": ("image", "image"), "t2t": ("text", "text")}
@@ -62,6 +61,8 @@ def supported_directions(cfg: NeighborsConfig, cache: TeacherCache) -> list[str]
 def topk_unit(cache: TeacherCache, direction: str, start: int, stop: int, k: int,
               block_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k for query rows ``[start, stop)`` of one direction."""
+    from pipeline.topk import blocked_topk  # torch: imported here, `cache verify` imports this module
+
     q_kind, k_kind = DIRECTIONS[direction]
     queries = getattr(cache, f"{q_kind}_emb")[start:stop]
     keys = getattr(cache, f"{k_kind}_emb")

@@ -449,7 +449,7 @@ def train(cfg: TrainConfig, progress: bool | None = None,
           stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns the summary also written to ``train_summary.json``.
 
-    progress: rich progress bar; None = only when stderr is a terminal.
+    progress: see :func:`pipeline.progress.progress_task` (None = a bar on a terminal, else lines).
     stop_after: end this invocation after that step without a final checkpoint, as a kill would
         (for time-boxed jobs and resume tests); the next call resumes from the last checkpoint.
     """

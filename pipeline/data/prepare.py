@@ -35,7 +35,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +43,7 @@ from typing import Any, Literal
 from pipeline.config import check_settings, setting
 from pipeline.data.shards import IMAGE_EXTS, iter_raw, load_manifest, write_manifest, write_shards
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.progress import note, progress_task
 from pipeline.scratch import replace_dir
 
 SPLITS = ("train", "val", "test")
@@ -92,8 +93,12 @@ def assign_split(source_id: str, cfg: PrepareConfig) -> str:
     return "train"
 
 
-def prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    """Read the source, split it and write ``<out>/<split>/`` atomically; return a summary."""
+def prepare(cfg: PrepareConfig, progress: bool | None = None) -> dict[str, Any]:
+    """Read the source, split it and write ``<out>/<split>/`` atomically; return a summary.
+
+    progress: see :func:`pipeline.progress.progress_task` (None = a bar on a terminal, else lines).
+    """
+    note(f"prepare: reading the {cfg.source} source {cfg.src}", progress)
     samples = sorted(_read_source(cfg), key=lambda s: s.source_id)
     _check_samples(samples)
     by_split: dict[str, list[RawSample]] = {s: [] for s in SPLITS}
@@ -104,8 +109,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        summary = {split: _write_split(rows, tmp / split, split, cfg.shard_size)
-                   for split, rows in by_split.items()}
+        with progress_task("prepare: write shards", len(samples), progress) as advance:
+            summary = {split: _write_split(rows, tmp / split, split, cfg.shard_size, advance)
+                       for split, rows in by_split.items()}
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,11 +163,17 @@ def _load_image(path: Path | None) -> tuple[str, bytes]:
     return ext, path.read_bytes()
 
 
-def _write_split(rows: list[RawSample], out_dir: Path, split: str, shard_size: int) -> dict[str, Any]:
+def _write_split(rows: list[RawSample], out_dir: Path, split: str, shard_size: int,
+                 advance: Callable[..., None] = lambda n=1, info="": None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = _safe_keys(rows)
-    # A generator: only one shard's images are held in memory at a time.
-    paths = write_shards((_to_wds(r, k) for r, k in zip(rows, keys)), out_dir, split, shard_size)
+
+    def samples() -> Iterator[dict[str, Any]]:  # only one shard's images in memory at a time
+        for row, key in zip(rows, keys):
+            yield _to_wds(row, key)
+            advance(1, split)
+
+    paths = write_shards(samples(), out_dir, split, shard_size)
     manifest = write_manifest(out_dir)
     return {"n_images": manifest.n_images, "n_texts": manifest.n_texts, "n_shards": len(paths),
             "fingerprint": manifest.fingerprint}
