@@ -28,9 +28,11 @@ Samples are written in ``source_id`` order; image bytes are copied as they are.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -117,6 +119,24 @@ def prepare(cfg: PrepareConfig, progress: bool | None = None) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"source": cfg.source, "out": str(out), "n_images": len(samples),
             "splits": summary, "config": dataclasses.asdict(cfg)}
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path``, UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8" writes
+    one); a byte that is not UTF-8 is an error naming the file, line and byte offset."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = bom + exc.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise PipelineError(
+            f"{path}:{line}: byte 0x{data[offset]:02x} at byte offset {offset} is not UTF-8 "
+            "(save the file as UTF-8)") from None
 
 
 def _check_samples(samples: list[RawSample]) -> None:
@@ -245,7 +265,7 @@ def _clean(captions: list[Any]) -> list[str]:
 
 def _read_csv(path: Path) -> Iterator[Row]:
     """Rows of a ``file,caption`` or ``file,captions`` CSV (``|`` separates captions)."""
-    with path.open(newline="", encoding="utf-8") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or [])
         if "file" not in cols or not cols & {"caption", "captions"}:
@@ -263,7 +283,7 @@ def _read_csv(path: Path) -> Iterator[Row]:
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
     """Rows of a JSONL file: ``{"file", "captions" | "caption", "label"?}`` per line."""
-    with path.open(encoding="utf-8") as f:
+    with io.StringIO(read_utf8(path)) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -356,8 +376,6 @@ def _coco_image(src: Path, subdirs: list[Path], file_name: str, subdir: str | No
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path}: invalid JSON ({exc})") from None
