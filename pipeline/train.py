@@ -473,8 +473,11 @@ def train(cfg: TrainConfig, progress: bool | None = None,
         with progress_task(f"train {cfg.student}", run.total_steps, progress) as advance:
             advance(start)
             last = _loop(run, log, advance, stop_after)
-    finally:
+    except BaseException:
         log.close()
+        discard_unresumable(run)
+        raise
+    log.close()
     run.teacher_forward_calls = teacher_forwards() - forwards_before
     if run.teacher_forward_calls:  # targets must come from the caches alone
         raise PipelineError(f"a teacher ran {run.teacher_forward_calls} forward passes during training")
@@ -487,6 +490,16 @@ def train(cfg: TrainConfig, progress: bool | None = None,
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def discard_unresumable(run: TrainRun) -> None:
+    """After a failed run: drop its scratch directory unless it holds a checkpoint to resume from
+    (a log alone resumes nothing and would be left behind forever)."""
+    if run.checkpoint_path.exists():
+        return
+    shutil.rmtree(run.work, ignore_errors=True)
+    if run.work.parent.is_dir() and not any(run.work.parent.iterdir()):
+        run.work.parent.rmdir()
 
 
 def publish(run: TrainRun) -> None:

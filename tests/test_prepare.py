@@ -225,3 +225,34 @@ def test_non_utf8_byte_names_file_line_and_offset(tmp_path: Path, suffix: str, b
     line = 3 if suffix == "csv" else 2
     assert str(exc.value) == (f"{path}:{line}: byte 0xe9 at byte offset {offset} is not UTF-8 "
                               "(save the file as UTF-8)")
+
+
+# Runs prepare in a child that SIGKILLs itself once the first split is written, as a kill would.
+KILLED_PREPARE = """
+import os, signal, sys
+from pipeline.data import prepare as P
+real = P._write_split
+def write_then_die(*args, **kw):
+    real(*args, **kw)
+    os.kill(os.getpid(), signal.SIGKILL)
+P._write_split = write_then_die
+P.prepare(P.PrepareConfig(source="folder", src=sys.argv[1], out=sys.argv[2]))
+"""
+
+
+def test_killed_prepare_leftovers_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    src, names = _folder(tmp_path, n=4)
+    (src / "captions.csv").write_text("file,caption\n" + "".join(f"{n},c{i}\n" for i, n in enumerate(names)))
+    out = tmp_path / "data" / "ds"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PREPARE, str(src), str(out)])
+    assert proc.wait(timeout=120) == -9
+    left = os.listdir(tmp_path / "data")
+    assert len(left) == 1 and left[0] == f".ds.tmp-{proc.pid}"
+    # a live process's temporary directory (a concurrent run) is not touched
+    live = tmp_path / "data" / f".ds.tmp-{os.getppid()}"
+    live.mkdir()
+    prepare(PrepareConfig(source="folder", src=str(src), out=str(out)))
+    assert sorted(os.listdir(tmp_path / "data")) == sorted(["ds", live.name])

@@ -108,6 +108,7 @@ def prepare(cfg: PrepareConfig, progress: bool | None = None) -> dict[str, Any]:
         by_split[sample.split or assign_split(sample.source_id, cfg)].append(sample)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -119,6 +120,28 @@ def prepare(cfg: PrepareConfig, progress: bool | None = None) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"source": cfg.source, "out": str(out), "n_images": len(samples),
             "splits": summary, "config": dataclasses.asdict(cfg)}
+
+
+def remove_dead_temporaries(out: Path) -> list[Path]:
+    """Delete the ``.<out>.tmp-<pid>`` directories of earlier runs whose process is gone (a killed
+    ``prepare`` cannot clean up after itself); a live process's directory is left alone."""
+    removed = []
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def read_utf8(path: Path) -> str:
