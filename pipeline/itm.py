@@ -35,7 +35,7 @@ import zarr
 from pipeline import __version__
 from pipeline.cache import (ROW_INVALID, ROW_VALID, Layout, base_attrs, create_array,
                             open_group_checked, raise_faults, read_array, row_units,
-                            shard_file_faults, unwritten_rows, validate_attrs, write_unit)
+                            structure_faults, unwritten_rows, validate_attrs, write_unit)
 from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.data.captions import load_captions
 from pipeline.data.shards import Manifest, iter_samples, load_manifest, make_handler
@@ -386,7 +386,7 @@ def open_itm_scores(path: str | Path, expect_dataset: str | None = None) -> ItmS
     if expect_dataset is not None and expect_dataset != attrs["dataset_fingerprint"]:
         raise FingerprintMismatchError("dataset", str(path), expect_dataset, attrs["dataset_fingerprint"],
                                        "rerun `distill itm` (or `dvc repro`), or point to the right store")
-    raise_faults(path, shard_file_faults(path, group))  # a lost shard reads as fill values
+    raise_faults(path, structure_faults(path, group))  # edited attributes; a lost shard reads as fill
     idx = read_array(group, "i2t_cand_idx", path).astype(np.int32)
     itm = read_array(group, "i2t_cand_itm", path).astype(np.float32)
     status = read_array(group, "image_status", path)
