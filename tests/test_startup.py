@@ -48,10 +48,17 @@ def test_light_commands_import_no_model_library(args):
 
 
 def test_cache_info_and_verify_import_no_model_library(tiny_store):
-    for args in (["cache", "info", str(tiny_store)], ["cache", "verify", str(tiny_store)]):
-        heavy, output = imported_heavy(*args)
-        assert heavy == [], output
-        assert "train" in output
+    from pipeline.neighbors import NeighborsConfig, run_neighbors
+
+    root = tiny_store.parent.parent
+    run_neighbors(NeighborsConfig(teacher="tiny", k=3, cache_root=str(root), out_root=str(root / "nn")),
+                  "tiny", progress=False)
+    neighbours = root / "nn/tiny/train.zarr"
+    for store in (tiny_store, neighbours):
+        for args in (["cache", "info", str(store)], ["cache", "verify", str(store)]):
+            heavy, output = imported_heavy(*args)
+            assert heavy == [], output
+            assert "train" in output and "FAULT" not in output
 
 
 @pytest.mark.parametrize("kind", sorted(CATALOG))
@@ -65,4 +72,4 @@ def test_catalog_matches_the_registries(kind):
 @pytest.fixture
 def tiny_store(tmp_path):
     """A small complete teacher store."""
-    return random_cache(tmp_path / "train.zarr", n_img=6, captions=2, dim=8)
+    return random_cache(tmp_path / "caches/tiny/train.zarr", n_img=6, captions=2, dim=8)
