@@ -39,7 +39,7 @@ from pipeline.cache import (ROW_INVALID, ROW_VALID, Layout, base_attrs, create_a
 from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.data.captions import load_captions
 from pipeline.data.shards import Manifest, iter_samples, load_manifest, make_handler
-from pipeline.errors import CacheError, ConfigError, FingerprintMismatchError, PipelineError
+from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError
 from pipeline.fingerprint import fingerprint
 from pipeline.progress import progress_task
 from pipeline.lock import output_lock

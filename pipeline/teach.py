@@ -27,10 +27,10 @@ import torch
 import zarr
 
 from pipeline import __version__
-from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.cache import (ROW_INVALID, ROW_VALID, Layout, create_teacher_store, row_units,
                             structure_faults, teacher_store_attrs, unwritten_rows, validate_attrs,
                             write_unit)
+from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.data.shards import Manifest, iter_samples, load_manifest, make_handler
 from pipeline.errors import CacheError, ConfigError, PipelineError
 from pipeline.fingerprint import fingerprint
