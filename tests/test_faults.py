@@ -331,6 +331,8 @@ def test_3_corrupt_jpeg_is_skipped_counted_invalid_or_fails_strictly(tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "shard train-000001.tar, key k006: image could not be decoded" in result.output
     assert not (tmp_path / "strict/tiny").exists()
+    # the failed run leaves nothing outside its scratch directory (finished units stay there)
+    assert [p.name for p in (tmp_path / "strict").iterdir()] == [".scratch"]
 
 
 # ----------------------------------------------------------------------------- 4
