@@ -326,22 +326,64 @@ def layout_faults(attrs: dict[str, Any], group: zarr.Group) -> list[str]:
 
 
 def fingerprint_faults(attrs: dict[str, Any]) -> list[str]:
-    """The recorded teacher fingerprint must be the hash of the recorded teacher fields."""
+    """A recorded teacher fingerprint must be the hash of the recorded teacher fields (of the
+    teacher of a teacher cache, of the single-stream teacher of an ITM store)."""
     from pipeline.fingerprint import fingerprint
 
-    if "teacher" not in attrs or "teacher_fingerprint" not in attrs:
-        return []
-    actual = fingerprint(attrs["teacher"])
-    if actual != attrs["teacher_fingerprint"]:
-        return [f"teacher_fingerprint {attrs['teacher_fingerprint']} is not the hash of the "
-                f"recorded teacher fields ({actual}): the attributes were edited"]
-    return []
+    faults = []
+    for fields_key, fp_key in (("teacher", "teacher_fingerprint"),
+                               ("single_teacher", "single_teacher_fingerprint")):
+        if fields_key not in attrs or fp_key not in attrs:
+            continue
+        actual = fingerprint(attrs[fields_key])
+        if actual != attrs[fp_key]:
+            faults.append(f"{fp_key} {attrs[fp_key]} is not the hash of the recorded {fields_key} "
+                          f"fields ({actual}): the attributes were edited")
+    return faults
+
+
+# Root attributes a teacher cache repeats from its teacher's recorded fields (the fingerprinted
+# ones): training reads the root copy (logit_scale is the teacher's temperature), so both must agree.
+TEACHER_FIELD_ATTRS = ("embed_dim", "logit_scale", "modalities")
+
+
+def attribute_faults(attrs: dict[str, Any], group: zarr.Group) -> list[str]:
+    """Root attributes that disagree with the recorded teacher fields or with the arrays: the
+    teacher's ``embed_dim``/``logit_scale``/``modalities``, embeddings of an unlisted modality,
+    and the shard size ``rows_per_shard`` records."""
+    faults = []
+    teacher = attrs.get("teacher") if isinstance(attrs.get("teacher"), dict) else {}
+    for key in TEACHER_FIELD_ATTRS:
+        if key in attrs and key in teacher and _normal(attrs[key]) != _normal(teacher[key]):
+            faults.append(f"{key} {attrs[key]!r} disagrees with the recorded teacher's {key} "
+                          f"{teacher[key]!r}: the attributes were edited")
+    if "modalities" in attrs:
+        for kind in ("image", "text"):
+            if f"{kind}_emb" in group and kind not in attrs["modalities"]:
+                faults.append(f"{kind}_emb is stored but modalities {attrs['modalities']} does not "
+                              "list it: the attributes were edited")
+    rows_per_shard = attrs.get("rows_per_shard")
+    if isinstance(rows_per_shard, int):
+        for name, arr in sorted(group.arrays()):
+            shard_rows = arr.shards[0] if arr.shards else arr.chunks[0]
+            if arr.shape[0] and shard_rows != max(1, min(rows_per_shard, arr.shape[0])):
+                faults.append(f"{name}: shards of {shard_rows} rows, but rows_per_shard is "
+                              f"{rows_per_shard}: the attributes were edited")
+    return faults
+
+
+def _normal(value: Any) -> Any:
+    """Comparable form of an attribute: numbers as float, lists sorted."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return sorted(value) if isinstance(value, list) else value
 
 
 def structure_faults(path: Path, group: zarr.Group) -> list[str]:
-    """The cheap checks of a store's structure: fingerprints, array layout, shard files."""
+    """The cheap checks of a store's structure: fingerprints, attributes, array layout, shard files."""
     attrs = dict(group.attrs)
-    return fingerprint_faults(attrs) + layout_faults(attrs, group) + shard_file_faults(path, group)
+    return (fingerprint_faults(attrs) + attribute_faults(attrs, group) + layout_faults(attrs, group)
+            + shard_file_faults(path, group))
 
 
 def raise_faults(path: Path, faults: list[str]) -> None:

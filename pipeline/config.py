@@ -1,11 +1,14 @@
 """Stage configs: one frozen, typed dataclass per stage, loaded from a section of ``params.yaml``.
 
-The dataclass defaults are the documented defaults; unknown keys and wrongly typed values fail
-loudly, naming the section and key.
+The dataclass defaults are the documented defaults; unknown keys, wrongly typed values (a boolean
+is not a number) and values out of their bounds fail loudly, naming the section and key. Bounds
+are declared on the fields themselves (:func:`setting`), so the generated JSON schema
+(``schemas/params.v1.json``) carries the same ``minimum``/``maximum``/``enum`` as the checks.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,16 +20,83 @@ from pipeline.errors import ConfigError
 
 C = TypeVar("C")
 
+# The top-level keys params.yaml may hold: one section per stage, the teacher and recipe mappings,
+# and the teacher names dvc.yaml interpolates. ``tests/test_config.py`` checks this list against
+# the generated schema, so a new section is added to both.
+PARAMS_SECTIONS = ("prepare", "teachers", "teach", "neighbors", "itm", "train", "recipes", "evaluate",
+                   "distill_from", "vision_from", "text_from", "single_stream_from")
+
+# Bound keywords a field may declare (JSON-schema names); sequences apply them to each item.
+_BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "pattern")
+# A device: "auto" (CUDA when available), "cpu", "mps", "cuda" or "cuda:<index>".
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
+
+
+def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING,
+            minimum: float | None = None, maximum: float | None = None,
+            exclusive_minimum: float | None = None, pattern: str | None = None,
+            min_items: int | None = None) -> Any:
+    """A config field with bounds, checked when the config is built and written to the schema.
+
+    ``minimum``/``maximum`` are inclusive, ``exclusive_minimum`` strict; ``pattern`` is a regular
+    expression a string must match whole. On a sequence they bound every item, and ``min_items``
+    its length. ``None`` (for optional fields) is never bounded.
+    """
+    bounds = {"minimum": minimum, "maximum": maximum, "exclusiveMinimum": exclusive_minimum,
+              "pattern": pattern, "minItems": min_items}
+    metadata = {"bounds": {k: v for k, v in bounds.items() if v is not None}}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def check_settings(cfg: Any, where: str) -> None:
+    """Check every bounded field of config ``cfg`` (call from ``__post_init__``)."""
+    for f in dataclasses.fields(cfg):
+        check_bounds(getattr(cfg, f.name), f.metadata.get("bounds", {}), f"{where}.{f.name}")
+
+
+def check_bounds(value: Any, bounds: dict[str, Any], where: str) -> None:
+    """Raise ``ConfigError`` naming ``where`` when ``value`` is outside ``bounds``."""
+    if value is None or not bounds:
+        return
+    if isinstance(value, (tuple, list)):
+        if len(value) < bounds.get("minItems", 0):
+            raise ConfigError(f"{where}: needs at least {bounds['minItems']} item(s), got {list(value)}")
+        for i, item in enumerate(value):
+            check_bounds(item, bounds, f"{where}[{i}]")
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "minimum" in bounds and not value >= bounds["minimum"]:
+            raise ConfigError(f"{where}: must be >= {bounds['minimum']}, got {value}")
+        if "maximum" in bounds and not value <= bounds["maximum"]:
+            raise ConfigError(f"{where}: must be <= {bounds['maximum']}, got {value}")
+        if "exclusiveMinimum" in bounds and not value > bounds["exclusiveMinimum"]:
+            raise ConfigError(f"{where}: must be > {bounds['exclusiveMinimum']}, got {value}")
+    if isinstance(value, str) and "pattern" in bounds and not re.fullmatch(bounds["pattern"], value):
+        raise ConfigError(f"{where}: {value!r} is not valid here (expected {bounds['pattern']})")
+
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
-    """Read ``params.yaml`` (an empty file gives ``{}``)."""
+    """Read ``params.yaml`` (an empty file gives ``{}``); malformed YAML and unknown top-level
+    sections are one-line errors naming the file (and line and column)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: parameters file not found (run from the project root or pass --params)")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with path.open(encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        raise ConfigError(f"{where}: invalid YAML: {what}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(str(k) for k in data if k not in PARAMS_SECTIONS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level section(s) {unknown}; known: "
+                          f"{', '.join(PARAMS_SECTIONS)}")
     return data
 
 
@@ -40,8 +110,11 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
             f"{where or cls.__name__}: unknown key(s) {unknown}; known keys: {sorted(fields)}"
         )
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _coerce(hints[name], value, f"{where}.{name}" if where else name)
-              for name, value in data.items()}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, key)
+        check_bounds(kwargs[name], fields[name].metadata.get("bounds", {}), key)
     return cls(**kwargs)
 
 
@@ -95,7 +168,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return dict(value)
     if hint is Any:
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint in (int, float) and isinstance(value, bool):  # YAML's true/false are not numbers
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    if hint is float and isinstance(value, int):
         return float(value)
     if isinstance(hint, type) and not isinstance(value, hint):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
@@ -110,7 +185,7 @@ def json_schema(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     props: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        prop = _type_schema(hints[f.name])
+        prop = _with_bounds(_type_schema(hints[f.name]), f.metadata.get("bounds", {}))
         default = _default(f)
         if default is not dataclasses.MISSING:
             prop["default"] = default
@@ -130,6 +205,24 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else (
         [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
         if isinstance(value, tuple) else value)
+
+
+def _with_bounds(prop: dict[str, Any], bounds: dict[str, Any]) -> dict[str, Any]:
+    """``prop`` with ``bounds`` on its numbers or strings: on an array's items, a union's members."""
+    if not bounds:
+        return prop
+    if "anyOf" in prop:
+        return {"anyOf": [p if p.get("type") == "null" else _with_bounds(p, bounds) for p in prop["anyOf"]]}
+    if prop.get("type") == "array":
+        items = {k: v for k, v in bounds.items() if k != "minItems"}
+        length = {"minItems": bounds["minItems"]} if "minItems" in bounds else {}
+        return prop | {"items": _with_bounds(prop["items"], items)} | length
+    kind = prop.get("type")
+    keep = {k: v for k, v in bounds.items()
+            if (k == "pattern") == (kind == "string") and k in _BOUND_KEYS}
+    if "pattern" in keep:
+        keep["pattern"] = f"^(?:{keep['pattern']})$"  # JSON schema patterns are not anchored
+    return prop | keep
 
 
 def _type_schema(hint: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 import PIL.Image
 
 from pipeline.cache import TeacherCache
+from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.data.shards import Manifest, RandomAccess, SkipCounter, load_manifest
 from pipeline.devices import resolve_device
 from pipeline.evaluation.efficiency import measure_efficiency
@@ -29,6 +30,7 @@ from pipeline.evaluation.report import clean_numbers, write_json, write_recall_c
 from pipeline.evaluation.scoring import (EvalRows, Gallery, encode_split, join_rows, pct_of_teacher,
                                          qualitative_examples, retrieval_gallery, score_embeddings,
                                          score_teacher)
+from pipeline.progress import note
 from pipeline.students import load_student
 
 
@@ -41,24 +43,29 @@ class EvalConfig:
     teacher_cache: str | None = "caches/demo_clip/test.zarr"  # same split; null = student only
     teacher: str | None = "demo_clip"            # registry name for efficiency; null = skip it
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_teacher
-    ks: tuple[int, ...] = (1, 5, 10)             # Recall@K cut-offs (RSUM sums them over both directions)
-    curve_max_k: int = 50                        # Recall@K curve for K = 1..curve_max_k
-    ndcg_k: int = 10                             # single-modal NDCG cut-off
-    encode_batch_size: int = 64                  # images (and texts) per student forward when encoding
-    latency_batch_sizes: tuple[int, ...] = (1, 64)  # batch sizes timed for the efficiency table
-    latency_warmup: int = 2                      # untimed calls before timing (allocator, caches)
-    latency_repeats: int = 5                     # timed calls; the median is reported
+    ks: tuple[int, ...] = setting((1, 5, 10), minimum=1, min_items=1)  # Recall@K cut-offs (RSUM sums
+                                                 # them over both directions)
+    curve_max_k: int = setting(50, minimum=1)    # Recall@K curve for K = 1..curve_max_k
+    ndcg_k: int = setting(10, minimum=1)         # single-modal NDCG cut-off
+    encode_batch_size: int = setting(64, minimum=1)  # images (and texts) per student forward when encoding
+    latency_batch_sizes: tuple[int, ...] = setting((1, 64), minimum=1)  # batch sizes timed for the
+                                                 # efficiency table
+    latency_warmup: int = setting(2, minimum=0)  # untimed calls before timing (allocator, caches)
+    latency_repeats: int = setting(5, minimum=1)  # timed calls; the median is reported
     measure_memory: bool = True                  # peak memory via a subprocess per model
-    device: str = "cpu"                          # "cpu", "cuda" or "auto"
-    block_rows: int = 1024                       # query rows per similarity tile (bounds memory)
-    n_examples: int = 3                          # test images shown with their top-3 captions
+    device: str = setting("cpu", pattern=DEVICE_PATTERN)  # "cpu", "cuda" or "auto"
+    block_rows: int = setting(1024, minimum=1)   # query rows per similarity tile (bounds memory)
+    n_examples: int = setting(3, minimum=0)      # test images shown with their top-3 captions
     metrics_path: str = "reports/eval/metrics.json"
     plots_dir: str = "reports/eval/plots"        # recall_at_k.csv (+ _wide.csv for dvc plots)
     report_path: str = "reports/eval/report.md"
     html_path: str = "reports/eval/index.html"   # self-contained HTML report (pictures embedded)
-    gallery_captions: int = 6                    # test captions shown with their top images
-    gallery_images: int = 4                      # test images shown with their top captions
-    gallery_top: int = 5                         # retrieved items shown per query
+    gallery_captions: int = setting(6, minimum=0)  # test captions shown with their top images
+    gallery_images: int = setting(4, minimum=0)  # test images shown with their top captions
+    gallery_top: int = setting(5, minimum=1)     # retrieved items shown per query
+
+    def __post_init__(self) -> None:
+        check_settings(self, "evaluate")
 
 
 def _teacher_rows(cache: TeacherCache | None, rows: EvalRows):
@@ -92,6 +99,7 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None) -> dict[str, Any]:
     cache = (TeacherCache.open(cfg.teacher_cache, expect_dataset=manifest.fingerprint)
              if cfg.teacher_cache else None)
     rows = join_rows(split, cache)
+    note(f"evaluate: scoring retrieval on {len(rows.image_rows)} images", progress)
     labels = [split.labels[i] for i in rows.image_rows]
     student_scores = score_embeddings(split.image_emb[rows.image_rows], split.text_emb[rows.text_rows],
                                       rows.text_to_image, labels, cfg)
@@ -105,6 +113,7 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None) -> dict[str, Any]:
     metrics["counts"] = {**student_scores.counts, "n_images_excluded": rows.n_images_excluded,
                          "n_texts_excluded": rows.n_texts_excluded}
     notes: list[str] = []
+    note("evaluate: measuring size, latency and memory", progress)
     metrics["efficiency"], metrics["machine"] = measure_efficiency(cfg, student, split, device, notes)
     metrics = clean_numbers(metrics)
     write_json(Path(cfg.metrics_path), metrics)

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.cache import (ROW_INVALID, ROW_MISSING, ROW_VALID, check_schema_id, fingerprint_faults,
+from pipeline.cache import (ROW_INVALID, ROW_MISSING, ROW_VALID, attribute_faults, check_schema_id,
+                            fingerprint_faults,
                             layout_faults, read_strings, schema_name_of, shard_file_faults,
                             store_nbytes, validate_attrs)
 from pipeline.errors import CacheError
@@ -91,6 +92,7 @@ def verify_cache(path: str | Path, deep: bool = True, expect_dataset: str | None
     report.add("schema", [] if attrs.get("complete") else ["store is marked incomplete"])
     report.add("fingerprints", fingerprint_faults(attrs) + _expectation_faults(
         attrs, expect_dataset, expect_teacher))
+    report.add("attributes", attribute_faults(attrs, group))
     report.add("layout", layout_faults(attrs, group))
     report.add("shard files", shard_file_faults(path, group) + _temporaries(path))
     for name, arr in sorted(group.arrays()):

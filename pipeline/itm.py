@@ -35,10 +35,11 @@ import zarr
 from pipeline import __version__
 from pipeline.cache import (ROW_INVALID, ROW_VALID, Layout, base_attrs, create_array,
                             open_group_checked, raise_faults, read_array, row_units,
-                            shard_file_faults, unwritten_rows, validate_attrs, write_unit)
+                            structure_faults, unwritten_rows, validate_attrs, write_unit)
+from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.data.captions import load_captions
 from pipeline.data.shards import Manifest, iter_samples, load_manifest, make_handler
-from pipeline.errors import CacheError, ConfigError, FingerprintMismatchError, PipelineError
+from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError
 from pipeline.fingerprint import fingerprint
 from pipeline.progress import progress_task
 from pipeline.lock import output_lock
@@ -56,16 +57,19 @@ class ItmConfig:
 
     dual: str = "demo_clip"                 # key of `teachers` whose neighbours give the candidates
     single: str = "blip"                    # key of `teachers`: the single-stream (ITM) teacher
-    k: int = 11                             # candidates scored per image (MCAD uses 11)
-    splits: tuple[str, ...] = ("train",)
+    k: int = setting(11, minimum=1)         # candidates scored per image (MCAD uses 11)
+    splits: tuple[str, ...] = setting(("train",), min_items=1)
     dataset: str = "data/emoji"             # dataset root: one folder of shards per split
     neighbors_root: str = "caches/neighbors"  # reads <neighbors_root>/<dual>/<split>.zarr
     out_root: str = "caches/itm"            # writes <out_root>/<dual>/<split>.zarr
-    batch_size: int = 64                    # (image, caption) pairs per teacher forward; whole
+    batch_size: int = setting(64, minimum=1)  # (image, caption) pairs per teacher forward; whole
                                             # images: max(1, batch_size // k) images per forward
-    device: str = "auto"                    # "auto" = cuda when available, else cpu
-    rows_per_shard: int = 16384             # image rows per Zarr shard = one unit of work
+    device: str = setting("auto", pattern=DEVICE_PATTERN)  # "auto" = cuda when available, else cpu
+    rows_per_shard: int = setting(16384, minimum=1)  # image rows per Zarr shard = one unit of work
     summary_dir: str = "reports/itm"        # run summary: <summary_dir>/<dual>.json
+
+    def __post_init__(self) -> None:
+        check_settings(self, "itm")
 
 
 @dataclass(frozen=True)
@@ -319,19 +323,12 @@ def _finalise_store(group: zarr.Group, run: ItmRun, split: str) -> None:
     group.attrs.update(attrs)
 
 
-def _check_config(cfg: ItmConfig) -> None:
-    for name in ("k", "batch_size", "rows_per_shard"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"itm.{name}: must be >= 1, got {getattr(cfg, name)}")
-
-
 def run_itm(cfg: ItmConfig, teacher: Any, dual: str | None = None,
             progress: bool | None = None) -> dict[str, Any]:
     """Score (or resume, or keep) the top-k candidates of every image of ``cfg.splits`` with the
     single-stream ``teacher``; candidates come from the neighbours of teacher ``dual``
     (default ``cfg.dual``). Returns the run summary, also written to ``<summary_dir>/<dual>.json``."""
     t0 = time.perf_counter()
-    _check_config(cfg)
     dual = dual or cfg.dual
     pair_scorer(teacher)  # a teacher without an ITM head fails before any work
     manifests = {s: load_manifest(Path(cfg.dataset) / s, verify=True) for s in cfg.splits}
@@ -389,7 +386,7 @@ def open_itm_scores(path: str | Path, expect_dataset: str | None = None) -> ItmS
     if expect_dataset is not None and expect_dataset != attrs["dataset_fingerprint"]:
         raise FingerprintMismatchError("dataset", str(path), expect_dataset, attrs["dataset_fingerprint"],
                                        "rerun `distill itm` (or `dvc repro`), or point to the right store")
-    raise_faults(path, shard_file_faults(path, group))  # a lost shard reads as fill values
+    raise_faults(path, structure_faults(path, group))  # edited attributes; a lost shard reads as fill
     idx = read_array(group, "i2t_cand_idx", path).astype(np.int32)
     itm = read_array(group, "i2t_cand_itm", path).astype(np.float32)
     status = read_array(group, "image_status", path)

@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import zarr
@@ -22,11 +22,11 @@ import zarr
 from pipeline.cache import (Layout, TeacherCache, base_attrs, check_fingerprint, create_array,
                             open_group_checked, raise_faults, read_array, row_units,
                             structure_faults, validate_attrs, write_unit)
+from pipeline.config import check_settings, setting
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import output_lock
 from pipeline.progress import progress_task
 from pipeline.scratch import ScratchRun, creating, disk_full_errors, recover_replaced
-from pipeline.topk import blocked_topk
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image"),
               "i2i": ("image", "image"), "t2t": ("text", "text")}
@@ -37,13 +37,17 @@ class NeighborsConfig:
     """Parameters of the ``neighbors`` stage (``params.yaml`` section ``neighbors``)."""
 
     teacher: str = "demo_clip"                             # key of `teachers` whose caches are indexed
-    k: int = 32                                            # neighbours kept per row
-    splits: tuple[str, ...] = ("train",)                   # splits to index (hard negatives: train)
-    directions: tuple[str, ...] = ("i2t", "t2i", "i2i", "t2t")  # those the teacher lacks are skipped
+    k: int = setting(32, minimum=1)                        # neighbours kept per row
+    splits: tuple[str, ...] = setting(("train",), min_items=1)  # splits to index (hard negatives: train)
+    directions: tuple[Literal["i2t", "t2i", "i2i", "t2t"], ...] = setting(
+        ("i2t", "t2i", "i2i", "t2t"), min_items=1)         # those the teacher lacks are skipped
     cache_root: str = "caches"                             # teacher stores: <cache_root>/<name>/<split>.zarr
     out_root: str = "caches/neighbors"                     # output: <out_root>/<name>/<split>.zarr
-    block_rows: int = 4096                                 # top-k block size (bounds memory)
-    rows_per_shard: int = 16384                            # query rows per Zarr shard = unit of work
+    block_rows: int = setting(4096, minimum=1)             # top-k block size (bounds memory)
+    rows_per_shard: int = setting(16384, minimum=1)        # query rows per Zarr shard = unit of work
+
+    def __post_init__(self) -> None:
+        check_settings(self, "neighbors")
 
 
 def supported_directions(cfg: NeighborsConfig, cache: TeacherCache) -> list[str]:
@@ -57,6 +61,8 @@ def supported_directions(cfg: NeighborsConfig, cache: TeacherCache) -> list[str]
 def topk_unit(cache: TeacherCache, direction: str, start: int, stop: int, k: int,
               block_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k for query rows ``[start, stop)`` of one direction."""
+    from pipeline.topk import blocked_topk  # torch: imported here, `cache verify` imports this module
+
     q_kind, k_kind = DIRECTIONS[direction]
     queries = getattr(cache, f"{q_kind}_emb")[start:stop]
     keys = getattr(cache, f"{k_kind}_emb")

@@ -17,6 +17,11 @@ from pipeline.teach import TeachConfig, TeacherEntry
 from pipeline.train import Recipe, TrainConfig
 
 
+# Top-level teacher names that dvc.yaml interpolates into its stages (not read by the stages).
+TEACHER_ROLES = {"distill_from": "cross-modal", "vision_from": "vision-only", "text_from": "text-only",
+                 "single_stream_from": "single-stream ITM"}
+
+
 def params_schema() -> dict[str, Any]:
     """Schema of the whole parameters file: one section per stage plus the teacher and recipe
     mappings."""
@@ -34,7 +39,10 @@ def params_schema() -> dict[str, Any]:
             "train": json_schema(TrainConfig),
             "recipes": {"type": "object", "additionalProperties": json_schema(Recipe)},
             "evaluate": json_schema(EvalConfig),
+            **{key: {"type": "string", "description": f"teacher name dvc.yaml interpolates ({role})"}
+               for key, role in TEACHER_ROLES.items()},
         },
+        "additionalProperties": False,
     }
 
 

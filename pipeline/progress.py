@@ -1,32 +1,130 @@
-"""Progress bars (rich) that fall back to silence when output is not a terminal."""
+"""Progress of long work, on stderr only (stdout carries the stages' JSON summaries).
+
+Every stage reports through :func:`progress_task`:
+
+* stderr is a terminal: a rich progress bar (count, elapsed time, ETA);
+* stderr is not a terminal (a cluster job's log, ``dvc repro 2> log``, CI): plain lines such as
+  ``train open_clip_tiny: 120/800 (15.0%) 42 s elapsed, ETA 238 s``, one at the start, then one
+  whenever ``DISTILL_PROGRESS_SECONDS`` (default 30) have passed or the work has advanced by
+  ``DISTILL_PROGRESS_PERCENT`` (default 5) percent since the last, and one at the end;
+* ``enabled=False`` (``--no-progress``): nothing.
+
+Third-party bars (Hugging Face downloads, transformers' "Loading weights") are hidden unless
+asked for (:func:`library_progress`), so they neither clutter logs nor land in captured output.
+"""
 from __future__ import annotations
 
+import os
 import sys
+import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator, TextIO
 
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+Advance = Callable[..., None]
+
+SECONDS_ENV, PERCENT_ENV = "DISTILL_PROGRESS_SECONDS", "DISTILL_PROGRESS_PERCENT"
+DEFAULT_SECONDS, DEFAULT_PERCENT = 30.0, 5.0
 
 
-def make_progress(enabled: bool | None = None) -> Progress:
-    """A rich progress bar with count, rate-friendly columns and ETA; ``None`` = only on a TTY."""
+def make_progress(enabled: bool | None = None):
+    """A rich progress bar on stderr with count, elapsed time and ETA; ``None`` = only on a TTY."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
     if enabled is None:
         enabled = sys.stderr.isatty()
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        disable=not enabled, transient=False,
+        console=Console(stderr=True), disable=not enabled, transient=False,
     )
 
 
 @contextmanager
-def progress_task(description: str, total: int, enabled: bool | None = None) -> Iterator:
-    """Context manager yielding ``advance(n, info="")`` for one progress task."""
-    with make_progress(enabled) as progress:
-        task = progress.add_task(description, total=total, info="")
+def progress_task(description: str, total: int, enabled: bool | None = None) -> Iterator[Advance]:
+    """Context manager yielding ``advance(n=1, info="")`` for one piece of work of ``total`` units.
 
-        def advance(n: int = 1, info: str = "") -> None:
-            progress.update(task, advance=n, info=info)
+    ``enabled``: ``None`` = a bar on a terminal, plain lines otherwise; ``True`` = the same;
+    ``False`` = silent.
+    """
+    if enabled is False:
+        yield lambda n=1, info="": None
+    elif sys.stderr.isatty():
+        with make_progress(True) as progress:
+            task = progress.add_task(description, total=total, info="")
+            yield lambda n=1, info="": progress.update(task, advance=n, info=info)
+    else:
+        lines = ProgressLines(description, total, sys.stderr)
+        yield lines.advance
+        lines.finish()
 
-        yield advance
+
+class ProgressLines:
+    """Plain progress lines for logs: at a steady interval of time or of work, whichever first."""
+
+    def __init__(self, description: str, total: int, stream: TextIO,
+                 seconds: float | None = None, percent: float | None = None) -> None:
+        self.description, self.total, self.stream = description, max(0, int(total)), stream
+        self.seconds = _env_float(SECONDS_ENV, DEFAULT_SECONDS) if seconds is None else seconds
+        self.percent = _env_float(PERCENT_ENV, DEFAULT_PERCENT) if percent is None else percent
+        self.done, self.info = 0, ""
+        self.start = self.last_time = time.monotonic()
+        self.last_done = 0
+        self._emit()
+
+    def advance(self, n: int = 1, info: str = "") -> None:
+        """Count ``n`` more units done; print a line when the interval has passed."""
+        self.done += n
+        self.info = info or self.info
+        now = time.monotonic()
+        step = self.total * self.percent / 100
+        if now - self.last_time >= self.seconds or (self.total and self.done - self.last_done >= step):
+            self._emit(now)
+
+    def finish(self) -> None:
+        """The closing line (unless the last line already said the same)."""
+        if self.done != self.last_done or self.done == 0:
+            self._emit()
+
+    def _emit(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        elapsed = now - self.start
+        line = f"{self.description}: {self.done}/{self.total}"
+        if self.total:
+            line += f" ({100 * self.done / self.total:.1f}%)"
+        line += f" {elapsed:.0f} s elapsed"
+        if 0 < self.done < self.total:
+            line += f", ETA {elapsed * (self.total - self.done) / self.done:.0f} s"
+        if self.info:
+            line += f" [{self.info}]"
+        print(line, file=self.stream, flush=True)
+        self.last_time, self.last_done = now, self.done
+
+
+def note(message: str, enabled: bool | None = None) -> None:
+    """One line on stderr saying what a stage is doing now (for steps with no count of their own)."""
+    if enabled is not False:
+        print(message, file=sys.stderr, flush=True)
+
+
+def library_progress(show: bool) -> None:
+    """Show or hide third-party progress bars (Hugging Face Hub downloads, transformers' weight
+    loading). Set before those libraries are imported it holds for them too."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0" if show else "1"
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        (enable_progress_bars if show else disable_progress_bars)()
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        (hf_logging.enable_progress_bar if show else hf_logging.disable_progress_bar)()
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    try:
+        return float(value) if value else default
+    except ValueError:
+        return default

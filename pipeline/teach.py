@@ -30,8 +30,9 @@ from pipeline import __version__
 from pipeline.cache import (ROW_INVALID, ROW_VALID, Layout, create_teacher_store, row_units,
                             structure_faults, teacher_store_attrs, unwritten_rows, validate_attrs,
                             write_unit)
+from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.data.shards import Manifest, iter_samples, load_manifest, make_handler
-from pipeline.errors import CacheError, PipelineError
+from pipeline.errors import CacheError, ConfigError, PipelineError
 from pipeline.fingerprint import fingerprint
 from pipeline.lock import output_lock
 from pipeline.progress import progress_task
@@ -54,18 +55,25 @@ class TeachConfig:
     """Parameters of the ``teach`` stage (``params.yaml`` section ``teach``)."""
 
     dataset: str = "data/emoji"            # dataset root: one folder of shards per split
-    splits: tuple[str, ...] = ("train", "test")
+    splits: tuple[str, ...] = setting(("train", "test"), min_items=1)
     out_root: str = "caches"               # stores go to <out_root>/<teacher name>/<split>.zarr
-    batch_size: int = 32                   # images per teacher forward (texts: 4x this)
-    rows_per_shard: int = 16384            # rows per Zarr shard file = one unit of work
-    rows_per_chunk: int = 256              # rows per checksummed chunk inside a shard
-    device: str = "auto"                   # "auto" = cuda when available, else cpu
+    batch_size: int = setting(32, minimum=1)         # images per teacher forward (texts: 4x this)
+    rows_per_shard: int = setting(16384, minimum=1)  # rows per Zarr shard file = one unit of work
+    rows_per_chunk: int = setting(256, minimum=1)    # rows per checksummed chunk inside a shard;
+                                                     # must divide rows_per_shard
+    device: str = setting("auto", pattern=DEVICE_PATTERN)  # "auto" = cuda when available, else cpu
     on_bad_image: Literal["skip", "strict"] = "skip"  # skip: count, log, mark row invalid
-    prefetch_batches: int = 4              # decoded batches queued ahead of the teacher
-    preprocess_workers: int | None = None  # threads resizing/normalising images; None = auto
+    prefetch_batches: int = setting(4, minimum=1)    # decoded batches queued ahead of the teacher
+    preprocess_workers: int | None = setting(None, minimum=0)  # threads resizing/normalising images; None = auto
                                            # (none on CPU, where the teacher needs the cores;
                                            # min(8, cores) when the teacher is on a GPU)
     summary_dir: str = "reports/teach"     # per-teacher run summary (forward passes, skips)
+
+    def __post_init__(self) -> None:
+        check_settings(self, "teach")
+        if self.rows_per_shard % self.rows_per_chunk:
+            raise ConfigError(f"teach.rows_per_chunk: {self.rows_per_chunk} does not divide "
+                              f"teach.rows_per_shard ({self.rows_per_shard}); a shard holds whole chunks")
 
 
 def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:

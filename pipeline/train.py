@@ -31,7 +31,7 @@ from torch import Tensor
 
 from pipeline.data.shards import Manifest, load_manifest
 from pipeline.devices import resolve_device
-from pipeline.config import from_dict, load_params
+from pipeline.config import DEVICE_PATTERN, check_settings, from_dict, load_params, setting
 from pipeline.errors import CacheError, ConfigError, PipelineError
 from pipeline.fingerprint import fingerprint
 from pipeline.batch import BatchPlan, assemble
@@ -71,27 +71,31 @@ class TrainConfig:
     single_stream_teacher: str | None = None  # the single-stream (ITM) teacher's cache (MCAD)
     neighbors: str | None = None              # top-k neighbours of the cross-modal teacher
     itm_scores: str | None = None             # single-stream scores of those neighbours (stage itm)
-    hard_negative_fraction: float = 0.0       # share of each batch filled with anchors' nearest
-                                              # neighbours (needs `neighbors`); 0 = plain shuffle
+    hard_negative_fraction: float = setting(0.0, minimum=0, maximum=1)  # share of each batch filled
+                                              # with anchors' nearest neighbours (needs
+                                              # `neighbors`); 0 = plain shuffle
     out_dir: str = "models/student"           # model, checkpoints, log and summary go here
-    batch_size: int = 64                      # (image, caption) pairs per step
-    steps: int | None = None                  # total optimizer steps; None = derive from epochs
-    epochs: float = 10.0                      # used when steps is None
-    lr: float = 5e-4                          # peak AdamW learning rate
-    weight_decay: float = 0.1                 # on matrices only (not biases, norms, logit_scale)
-    warmup_steps: int = 50                    # linear warm-up, then cosine decay to 0
-    grad_clip_norm: float | None = None       # clip the global grad norm when set
-    seed: int = 0                             # model init, shard/sample order, augmentation
-    shuffle_buffer: int = 1000                # samples held for shuffling (per worker)
+    batch_size: int = setting(64, minimum=1)  # (image, caption) pairs per step
+    steps: int | None = setting(None, minimum=1)  # total optimizer steps; None = derive from epochs
+    epochs: float = setting(10.0, exclusive_minimum=0)  # used when steps is None
+    lr: float = setting(5e-4, exclusive_minimum=0)      # peak AdamW learning rate
+    weight_decay: float = setting(0.1, minimum=0)       # on matrices only (not biases, norms, logit_scale)
+    warmup_steps: int = setting(50, minimum=0)  # linear warm-up, then cosine decay to 0
+    grad_clip_norm: float | None = setting(None, exclusive_minimum=0)  # clip the global grad norm when set
+    seed: int = setting(0, minimum=0)         # model init, shard/sample order, augmentation
+    shuffle_buffer: int = setting(1000, minimum=0)  # samples held for shuffling (per worker; 0 = none)
     augment: bool = True                      # random resized crop + flip on training images
-    num_workers: int = 0                      # DataLoader workers (0 = decode in the main process);
+    num_workers: int = setting(0, minimum=0)  # DataLoader workers (0 = decode in the main process);
                                               # sample order depends on it: resume with the same value
-    log_every: int = 10                       # steps between rows of train_log.csv
-    checkpoint_every: int = 200               # steps between resumable checkpoints
-    device: str = "auto"                      # "auto" = cuda when available, else cpu
+    log_every: int = setting(10, minimum=1)   # steps between rows of train_log.csv
+    checkpoint_every: int = setting(200, minimum=1)  # steps between resumable checkpoints
+    device: str = setting("auto", pattern=DEVICE_PATTERN)  # "auto" = cuda when available, else cpu
     amp: bool = True                          # bf16 autocast for the towers on CUDA (ignored on CPU)
     on_bad_image: Literal["skip", "strict"] = "skip"  # skip: count undecodable images and go on
     resume: bool = True                       # continue an interrupted run from its scratch checkpoint
+
+    def __post_init__(self) -> None:
+        check_settings(self, "train")
 
 
 @dataclass(frozen=True)
@@ -103,7 +107,7 @@ class Recipe:
     description: str = ""                     # one line for reports
     balancer: str | None = None
     balancer_kwargs: dict[str, Any] = field(default_factory=dict)
-    hard_negative_fraction: float = 0.0
+    hard_negative_fraction: float = setting(0.0, minimum=0, maximum=1)
 
 
 def load_train_config(params: str | Path | dict = "params.yaml") -> TrainConfig:
@@ -445,7 +449,7 @@ def train(cfg: TrainConfig, progress: bool | None = None,
           stop_after: int | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns the summary also written to ``train_summary.json``.
 
-    progress: rich progress bar; None = only when stderr is a terminal.
+    progress: see :func:`pipeline.progress.progress_task` (None = a bar on a terminal, else lines).
     stop_after: end this invocation after that step without a final checkpoint, as a kill would
         (for time-boxed jobs and resume tests); the next call resumes from the last checkpoint.
     """
@@ -469,8 +473,11 @@ def train(cfg: TrainConfig, progress: bool | None = None,
         with progress_task(f"train {cfg.student}", run.total_steps, progress) as advance:
             advance(start)
             last = _loop(run, log, advance, stop_after)
-    finally:
+    except BaseException:
         log.close()
+        discard_unresumable(run)
+        raise
+    log.close()
     run.teacher_forward_calls = teacher_forwards() - forwards_before
     if run.teacher_forward_calls:  # targets must come from the caches alone
         raise PipelineError(f"a teacher ran {run.teacher_forward_calls} forward passes during training")
@@ -483,6 +490,16 @@ def train(cfg: TrainConfig, progress: bool | None = None,
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
+
+
+def discard_unresumable(run: TrainRun) -> None:
+    """After a failed run: drop its scratch directory unless it holds a checkpoint to resume from
+    (a log alone resumes nothing and would be left behind forever)."""
+    if run.checkpoint_path.exists():
+        return
+    shutil.rmtree(run.work, ignore_errors=True)
+    if run.work.parent.is_dir() and not any(run.work.parent.iterdir()):
+        run.work.parent.rmdir()
 
 
 def publish(run: TrainRun) -> None:

@@ -9,8 +9,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from pipeline.data.shards import load_manifest
-from pipeline.inspect import cache_info, verify_cache
 from stages.common import console, print_json, reported_errors
 
 out = Console(soft_wrap=True)  # stdout, long fingerprints unwrapped
@@ -23,6 +21,8 @@ PathArg = Annotated[Path, typer.Argument(help="A store, e.g. caches/demo_clip/tr
 def info(path: PathArg,
          as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False) -> None:
     """Arrays, shapes, dtypes, fingerprints, size on disk, valid/invalid row counts."""
+    from pipeline.inspect import cache_info  # imported here: --help stays light
+
     with reported_errors():
         data = cache_info(path)
     if as_json:
@@ -51,6 +51,9 @@ def verify(path: PathArg,
            dataset: Annotated[Optional[Path], typer.Option(
                help="A split's dataset folder (with manifest.json): the store must be built from it.")] = None) -> None:
     """Check schema, fingerprints, shard files, checksums of every chunk, rows and finiteness; exit 1 on any fault."""
+    from pipeline.data.shards import load_manifest  # imported here: --help stays light
+    from pipeline.inspect import verify_cache
+
     with reported_errors():
         expect = load_manifest(dataset).fingerprint if dataset is not None else None
     report = verify_cache(path, deep=not quick, expect_dataset=expect)

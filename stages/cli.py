@@ -21,14 +21,12 @@ app.add_typer(cache.app, name="cache")
 @app.command("list")
 def list_components() -> None:
     """Registered teachers, students, losses and balancers (the names params.yaml may use)."""
-    from pipeline.losses import BALANCERS, LOSSES
-    from pipeline.students import STUDENTS
-    from pipeline.teachers import list_teachers
+    from pipeline.catalog import names  # the names alone: no model code is imported
 
-    typer.echo(f"teachers: {', '.join(list_teachers())}")
-    typer.echo(f"students: {', '.join(STUDENTS.names())}")
-    typer.echo(f"losses:   {', '.join(LOSSES.names())}")
-    typer.echo(f"balancers: {', '.join(BALANCERS.names())}")
+    typer.echo(f"teachers: {', '.join(names('teacher'))}")
+    typer.echo(f"students: {', '.join(names('student'))}")
+    typer.echo(f"losses:   {', '.join(names('loss'))}")
+    typer.echo(f"balancers: {', '.join(names('balancer'))}")
 
 
 if __name__ == "__main__":

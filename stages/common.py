@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -14,14 +14,24 @@ from pipeline.errors import PipelineError
 from pipeline.registry import UnknownNameError
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameters file (params.yaml).")]
-ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress",
-                                           help="Show progress bars (default: only on a terminal).")]
+ProgressOpt = Annotated[Optional[bool], typer.Option(
+    "--progress/--no-progress", show_default=False,
+    help="Progress goes to stderr: by default a bar on a terminal, otherwise a plain line every "
+         "30 s or 5 % (DISTILL_PROGRESS_SECONDS / DISTILL_PROGRESS_PERCENT). --progress also "
+         "shows libraries' own bars (downloads, weight loading); --no-progress shows none.")]
 console = Console(stderr=True)
 
 
 def print_json(data: Any) -> None:
-    """Print a result as JSON on stdout (machine readable)."""
+    """Print a result as JSON on stdout (machine readable): the only thing commands write there."""
     typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def start_output(progress: bool | None) -> None:
+    """Before a command's work: third-party progress bars only when ``--progress`` asked for them."""
+    from pipeline.progress import library_progress
+
+    library_progress(progress is True)
 
 
 # Errors that are the user's to fix (bad input, config, a missing optional package): printed as

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import load_section
-from pipeline.evaluate import EvalConfig, evaluate
-from stages.common import ParamsOpt, reported_errors, print_json
+from stages.common import ParamsOpt, ProgressOpt, print_json, reported_errors, start_output
 
 
-def command(params: ParamsOpt = Path("params.yaml")) -> None:
+def command(params: ParamsOpt = Path("params.yaml"), progress: ProgressOpt = None) -> None:
     """Score the student and its teacher (params section `evaluate`)."""
+    start_output(progress)
+    from pipeline.config import load_section  # imported here: torch loads only when needed
+    from pipeline.evaluate import EvalConfig, evaluate
+
     with reported_errors():
-        print_json(evaluate(load_section(EvalConfig, "evaluate", params)))
+        print_json(evaluate(load_section(EvalConfig, "evaluate", params), progress=progress))

@@ -6,11 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import load_params, load_section
-from pipeline.devices import resolve_device
-from pipeline.itm import ItmConfig, run_itm
-from pipeline.teach import TeacherEntry
-from stages.common import ParamsOpt, ProgressOpt, console, print_json, reported_errors
+from stages.common import ParamsOpt, ProgressOpt, console, print_json, reported_errors, start_output
 
 
 def command(
@@ -18,11 +14,17 @@ def command(
         help="Key of `teachers` whose neighbours give the candidates (default: itm.dual).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     device: Annotated[Optional[str], typer.Option(help="Override itm.device (cpu, cuda, cuda:1).")] = None,
-    progress: ProgressOpt = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Write <out_root>/DUAL/<split>.zarr with i2t_cand_idx / i2t_cand_itm (params sections `itm`,
     `teachers.<itm.single>`)."""
-    from pipeline.teachers import create_teacher  # here, so other stages never import teachers
+    start_output(progress)
+    # imported here: torch and the teachers load only when a command needs them
+    from pipeline.config import load_params, load_section
+    from pipeline.devices import resolve_device
+    from pipeline.itm import ItmConfig, run_itm
+    from pipeline.teach import TeacherEntry
+    from pipeline.teachers import create_teacher
 
     with reported_errors():
         data = load_params(params)

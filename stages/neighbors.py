@@ -6,18 +6,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import load_section
-from pipeline.neighbors import NeighborsConfig, run_neighbors
-from stages.common import ParamsOpt, ProgressOpt, reported_errors, print_json
+from stages.common import ParamsOpt, ProgressOpt, print_json, reported_errors, start_output
 
 
 def command(
     name: Annotated[Optional[str], typer.Argument(
         help="A key of the `teachers` mapping (default: neighbors.teacher).")] = None,
     params: ParamsOpt = Path("params.yaml"),
-    progress: ProgressOpt = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Write <out_root>/NAME/<split>.zarr with *_topk_idx / *_topk_sim (params section `neighbors`)."""
+    start_output(progress)
+    from pipeline.config import load_section  # imported here: torch loads only when needed
+    from pipeline.neighbors import NeighborsConfig, run_neighbors
+
     with reported_errors():
         cfg = load_section(NeighborsConfig, "neighbors", params)
         print_json(run_neighbors(cfg, name or cfg.teacher, progress))

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import load_section
-from pipeline.data.prepare import PrepareConfig, prepare
-from stages.common import ParamsOpt, reported_errors, print_json
+from stages.common import ParamsOpt, ProgressOpt, print_json, reported_errors, start_output
 
 
-def command(params: ParamsOpt = Path("params.yaml")) -> None:
+def command(params: ParamsOpt = Path("params.yaml"), progress: ProgressOpt = None) -> None:
     """Write <out>/{train,val,test}/*.tar and their manifests (params section `prepare`)."""
+    start_output(progress)
+    from pipeline.config import load_section  # imported here: --help stays light
+    from pipeline.data.prepare import PrepareConfig, prepare
+
     with reported_errors():
-        print_json(prepare(load_section(PrepareConfig, "prepare", params)))
+        print_json(prepare(load_section(PrepareConfig, "prepare", params), progress))

@@ -6,21 +6,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import load_params, load_section
-from pipeline.devices import resolve_device
-from pipeline.lock import output_lock
-from pipeline.teach import TeachConfig, TeacherEntry, run_teach
-from stages.common import ParamsOpt, ProgressOpt, console, reported_errors, print_json
+from stages.common import ParamsOpt, ProgressOpt, console, print_json, reported_errors, start_output
 
 
 def command(
     name: Annotated[str, typer.Argument(help="A key of the `teachers` mapping in params.yaml.")],
     params: ParamsOpt = Path("params.yaml"),
     device: Annotated[Optional[str], typer.Option(help="Override teach.device (cpu, cuda, cuda:1).")] = None,
-    progress: ProgressOpt = True,
+    progress: ProgressOpt = None,
 ) -> None:
     """Cache one teacher's embeddings for every split (params sections `teach`, `teachers`)."""
-    from pipeline.teachers import create_teacher  # here, so other stages never import teachers
+    start_output(progress)
+    # imported here: torch and the teachers load only when a command needs them
+    from pipeline.config import load_params, load_section
+    from pipeline.devices import resolve_device
+    from pipeline.lock import output_lock
+    from pipeline.teach import TeachConfig, TeacherEntry, run_teach
+    from pipeline.teachers import create_teacher
 
     with reported_errors():
         data = load_params(params)

@@ -76,3 +76,10 @@ def test_list_shows_registered_components():
     assert result.exit_code == 0
     for name in ("open_clip", "demo_clip", "efficientnet_lite", "hf_text", "open_clip_tiny", "contrastive"):
         assert name in result.stdout
+
+
+def test_unknown_device_override_is_a_clean_error(make_dataset, tmp_path):
+    params = write_params(tmp_path / "params.yaml", make_dataset(), tmp_path)
+    result = runner.invoke(app, ["teach", "tiny", "--params", str(params), "--device", "gpu"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "unknown device 'gpu'; use auto, cpu, mps, cuda or cuda:N" in result.stderr

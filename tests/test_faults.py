@@ -331,6 +331,8 @@ def test_3_corrupt_jpeg_is_skipped_counted_invalid_or_fails_strictly(tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "shard train-000001.tar, key k006: image could not be decoded" in result.output
     assert not (tmp_path / "strict/tiny").exists()
+    # the failed run leaves nothing outside its scratch directory (finished units stay there)
+    assert [p.name for p in (tmp_path / "strict").iterdir()] == [".scratch"]
 
 
 # ----------------------------------------------------------------------------- 4
@@ -499,6 +501,33 @@ def test_7_damaged_store_is_reported_and_training_refuses(taught, tmp_path, dama
     with pytest.raises(CacheError, match=array):
         train(train_cfg(taught["dataset"], tmp_path / "model", (str(store),)), progress=False)
     assert not (tmp_path / "model/train_log.csv").exists()
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("logit_scale", 900.0, r"logit_scale 900.0 disagrees with the recorded teacher's logit_scale"),
+    ("embed_dim", 64, r"embed_dim 64 disagrees with the recorded teacher's embed_dim 32"),
+    ("modalities", ["text"], r"image_emb is stored but modalities \['text'\] does not list it"),
+    ("rows_per_shard", 16, r"image_emb: shards of 8 rows, but rows_per_shard is 16"),
+])
+def test_7_edited_root_attribute_is_reported_and_refused(taught, tmp_path, key, value, expected):
+    """A root attribute edited by hand (e.g. the teacher's temperature, which training reads from
+    the cache) disagrees with the fingerprinted teacher fields or the arrays: `cache verify` exits
+    1 naming it and opening the store (training) refuses it."""
+    from pipeline.train import train
+
+    store = taught["store"]
+    meta = json.loads((store / "zarr.json").read_text())
+    assert meta["attributes"]["teacher"]["embed_dim"] == 32 and meta["attributes"]["rows_per_shard"] == ROWS
+    meta["attributes"][key] = value
+    (store / "zarr.json").write_text(json.dumps(meta))
+    # PROTECTION: attribute_faults() in verify_cache() and in structure_faults() of every opener.
+    result = runner.invoke(app, ["cache", "verify", str(store)])
+    assert result.exit_code == 1
+    assert re.search(expected, result.output), result.output
+    with pytest.raises(CacheError, match=expected):
+        TeacherCache.open(store)
+    with pytest.raises(CacheError, match=expected):
+        train(train_cfg(taught["dataset"], tmp_path / "model", (str(store),)), progress=False)
 
 
 # ----------------------------------------------------------------------------- 8

@@ -189,3 +189,70 @@ def test_output_replaced_atomically(tmp_path: Path) -> None:
         prepare(PrepareConfig(source="folder", src=str(src), out=str(out)))
     assert sum(load_manifest(out / s).n_images for s in SPLITS) == 4
     assert sorted(os.listdir(tmp_path / "data")) == ["ds"]
+
+
+def test_captions_with_bom_are_read(tmp_path: Path) -> None:
+    src, names = _folder(tmp_path, n=4)
+    # Excel's "CSV UTF-8": a byte-order mark before the header, non-ASCII captions
+    text = "file,caption\r\n" + "".join(f"{n},café n°{i}\r\n" for i, n in enumerate(names))
+    (src / "captions.csv").write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    prepare(PrepareConfig(source="folder", src=str(src), out=str(tmp_path / "out")))
+    rows = {r[0]: r[2] for split in _read_out(tmp_path / "out").values() for r in split}
+    assert rows == {n: (f"café n°{i}",) for i, n in enumerate(names)}
+    lines = [json.dumps({"file": n, "caption": f"ünï {i}"}, ensure_ascii=False) for i, n in enumerate(names)]
+    (tmp_path / "c.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode("utf-8"))
+    prepare(PrepareConfig(source="folder", src=str(src), out=str(tmp_path / "out"),
+                          captions_file=str(tmp_path / "c.jsonl")))
+    rows = {r[0]: r[2] for split in _read_out(tmp_path / "out").values() for r in split}
+    assert rows == {n: (f"ünï {i}",) for i, n in enumerate(names)}
+
+
+@pytest.mark.parametrize("suffix,bom", [("csv", False), ("csv", True), ("jsonl", False)])
+def test_non_utf8_byte_names_file_line_and_offset(tmp_path: Path, suffix: str, bom: bool) -> None:
+    src, names = _folder(tmp_path, n=3)
+    if suffix == "csv":
+        head = ("file,caption\n" + f"{names[0]},fine\n").encode()
+        bad = f"{names[1]},caf".encode() + b"\xe9" + b"\n"  # latin-1 e-acute
+    else:
+        head = (json.dumps({"file": names[0], "caption": "fine"}) + "\n").encode()
+        bad = f'{{"file": "{names[1]}", "caption": "caf'.encode() + b"\xe9" + b'"}\n'
+    data = (b"\xef\xbb\xbf" if bom else b"") + head + bad
+    path = tmp_path / f"caps.{suffix}"
+    path.write_bytes(data)
+    offset = data.index(b"\xe9")
+    with pytest.raises(PipelineError) as exc:
+        prepare(PrepareConfig(source="folder", src=str(src), out=str(tmp_path / "out"), captions_file=str(path)))
+    line = 3 if suffix == "csv" else 2
+    assert str(exc.value) == (f"{path}:{line}: byte 0xe9 at byte offset {offset} is not UTF-8 "
+                              "(save the file as UTF-8)")
+
+
+# Runs prepare in a child that SIGKILLs itself once the first split is written, as a kill would.
+KILLED_PREPARE = """
+import os, signal, sys
+from pipeline.data import prepare as P
+real = P._write_split
+def write_then_die(*args, **kw):
+    real(*args, **kw)
+    os.kill(os.getpid(), signal.SIGKILL)
+P._write_split = write_then_die
+P.prepare(P.PrepareConfig(source="folder", src=sys.argv[1], out=sys.argv[2]))
+"""
+
+
+def test_killed_prepare_leftovers_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    src, names = _folder(tmp_path, n=4)
+    (src / "captions.csv").write_text("file,caption\n" + "".join(f"{n},c{i}\n" for i, n in enumerate(names)))
+    out = tmp_path / "data" / "ds"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_PREPARE, str(src), str(out)])
+    assert proc.wait(timeout=120) == -9
+    left = os.listdir(tmp_path / "data")
+    assert len(left) == 1 and left[0] == f".ds.tmp-{proc.pid}"
+    # a live process's temporary directory (a concurrent run) is not touched
+    live = tmp_path / "data" / f".ds.tmp-{os.getppid()}"
+    live.mkdir()
+    prepare(PrepareConfig(source="folder", src=str(src), out=str(out)))
+    assert sorted(os.listdir(tmp_path / "data")) == sorted(["ds", live.name])

@@ -267,8 +267,37 @@ def test_cross_modal_loss_needs_one_teacher_for_both_modalities(toy, tmp_path):
 
 
 def test_strict_policy_stops_on_undecodable_image(toy, tmp_path):
+    out = tmp_path / "models" / "student"
     with pytest.raises(SampleDecodeError, match=BROKEN_KEY):
-        train(_cfg(toy, tmp_path, on_bad_image="strict", steps=2), progress=False)
+        train(_cfg(toy, out, on_bad_image="strict", steps=2), progress=False)
+    # nothing to resume from: the failed run leaves no scratch log (nor anything else) behind
+    assert not (tmp_path / "models").exists() or list((tmp_path / "models").rglob("*")) == []
+
+
+def test_failed_run_keeps_a_resumable_checkpoint(toy, tmp_path):
+    """A run failing after a checkpoint keeps its scratch directory: the next run resumes there."""
+    from pipeline.losses import LOSSES, ContrastiveLoss
+
+    class FailsAtStep3(ContrastiveLoss):
+        calls = 0
+
+        def forward(self, batch):
+            FailsAtStep3.calls += 1
+            if FailsAtStep3.calls == 3:
+                raise RuntimeError("out of memory at step 3")
+            return super().forward(batch)
+
+    LOSSES.register("fails_at_step_3")(lambda: FailsAtStep3())
+    out = tmp_path / "models" / "student"
+    try:
+        with pytest.raises(RuntimeError, match="step 3"):
+            train(_cfg(toy, out, steps=6, checkpoint_every=1, losses=(LossTerm("fails_at_step_3"),)),
+                  progress=False)
+    finally:
+        del LOSSES._factories["fails_at_step_3"]
+    scratch = tmp_path / "models" / ".scratch" / "student"
+    assert (scratch / "last.safetensors").exists() and (scratch / "train_log.csv").exists()
+    assert not out.exists()
 
 
 def test_a_teacher_forward_during_training_is_caught(toy, tmp_path, tiny_teacher):

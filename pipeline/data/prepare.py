@@ -28,20 +28,24 @@ Samples are written in ``source_id`` order; image bytes are copied as they are.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.config import check_settings, setting
 from pipeline.data.shards import IMAGE_EXTS, iter_raw, load_manifest, write_manifest, write_shards
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.progress import note, progress_task
 from pipeline.scratch import replace_dir
 
 SPLITS = ("train", "val", "test")
@@ -54,13 +58,19 @@ class PrepareConfig:
     source: Literal["demo", "folder", "coco"] = "demo"  # kind of input, see module docstring
     src: str = "demo/emoji"  # demo: shard folder; folder/coco: folder holding the images
     out: str = "data/emoji"  # output root; gets train/ val/ test/ dataset directories
-    shard_size: int = 1000  # max samples per output shard
-    test_percent: int = 10  # share of samples (0-100) hashed into test
-    val_percent: int = 10  # share of samples (0-100) hashed into val
+    shard_size: int = setting(1000, minimum=1)  # max samples per output shard
+    test_percent: int = setting(10, minimum=0, maximum=100)  # share of samples hashed into test
+    val_percent: int = setting(10, minimum=0, maximum=100)   # share of samples hashed into val
     salt: str = "split-v1"  # mixed into the split hash; change it to draw a different split
     captions_file: str | None = None  # folder: CSV/JSONL path; None -> src/captions.{csv,jsonl}
     annotations_file: str | None = None  # coco: captions_*.json (COCO format)
     split_file: str | None = None  # coco: Karpathy dataset_coco.json; None -> hash rule
+
+    def __post_init__(self) -> None:
+        check_settings(self, "prepare")
+        if self.test_percent + self.val_percent > 100:
+            raise ConfigError("prepare.test_percent + prepare.val_percent must be <= 100, got "
+                              f"{self.test_percent} + {self.val_percent}")
 
 
 @dataclass(frozen=True)
@@ -85,9 +95,12 @@ def assign_split(source_id: str, cfg: PrepareConfig) -> str:
     return "train"
 
 
-def prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    """Read the source, split it and write ``<out>/<split>/`` atomically; return a summary."""
-    _check_config(cfg)
+def prepare(cfg: PrepareConfig, progress: bool | None = None) -> dict[str, Any]:
+    """Read the source, split it and write ``<out>/<split>/`` atomically; return a summary.
+
+    progress: see :func:`pipeline.progress.progress_task` (None = a bar on a terminal, else lines).
+    """
+    note(f"prepare: reading the {cfg.source} source {cfg.src}", progress)
     samples = sorted(_read_source(cfg), key=lambda s: s.source_id)
     _check_samples(samples)
     by_split: dict[str, list[RawSample]] = {s: [] for s in SPLITS}
@@ -95,11 +108,13 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         by_split[sample.split or assign_split(sample.source_id, cfg)].append(sample)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        summary = {split: _write_split(rows, tmp / split, split, cfg.shard_size)
-                   for split, rows in by_split.items()}
+        with progress_task("prepare: write shards", len(samples), progress) as advance:
+            summary = {split: _write_split(rows, tmp / split, split, cfg.shard_size, advance)
+                       for split, rows in by_split.items()}
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,14 +122,44 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             "splits": summary, "config": dataclasses.asdict(cfg)}
 
 
-def _check_config(cfg: PrepareConfig) -> None:
-    if cfg.shard_size < 1:
-        raise ConfigError(f"prepare.shard_size must be >= 1, got {cfg.shard_size}")
-    for name in ("test_percent", "val_percent"):
-        if not 0 <= getattr(cfg, name) <= 100:
-            raise ConfigError(f"prepare.{name} must be in 0..100, got {getattr(cfg, name)}")
-    if cfg.test_percent + cfg.val_percent > 100:
-        raise ConfigError("prepare.test_percent + prepare.val_percent must be <= 100")
+def remove_dead_temporaries(out: Path) -> list[Path]:
+    """Delete the ``.<out>.tmp-<pid>`` directories of earlier runs whose process is gone (a killed
+    ``prepare`` cannot clean up after itself); a live process's directory is left alone."""
+    removed = []
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def read_utf8(path: Path) -> str:
+    """The text of ``path``, UTF-8 with or without a byte-order mark (Excel's "CSV UTF-8" writes
+    one); a byte that is not UTF-8 is an error naming the file, line and byte offset."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"{path}: file not found") from None
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = bom + exc.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise PipelineError(
+            f"{path}:{line}: byte 0x{data[offset]:02x} at byte offset {offset} is not UTF-8 "
+            "(save the file as UTF-8)") from None
 
 
 def _check_samples(samples: list[RawSample]) -> None:
@@ -161,11 +206,17 @@ def _load_image(path: Path | None) -> tuple[str, bytes]:
     return ext, path.read_bytes()
 
 
-def _write_split(rows: list[RawSample], out_dir: Path, split: str, shard_size: int) -> dict[str, Any]:
+def _write_split(rows: list[RawSample], out_dir: Path, split: str, shard_size: int,
+                 advance: Callable[..., None] = lambda n=1, info="": None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = _safe_keys(rows)
-    # A generator: only one shard's images are held in memory at a time.
-    paths = write_shards((_to_wds(r, k) for r, k in zip(rows, keys)), out_dir, split, shard_size)
+
+    def samples() -> Iterator[dict[str, Any]]:  # only one shard's images in memory at a time
+        for row, key in zip(rows, keys):
+            yield _to_wds(row, key)
+            advance(1, split)
+
+    paths = write_shards(samples(), out_dir, split, shard_size)
     manifest = write_manifest(out_dir)
     return {"n_images": manifest.n_images, "n_texts": manifest.n_texts, "n_shards": len(paths),
             "fingerprint": manifest.fingerprint}
@@ -237,7 +288,7 @@ def _clean(captions: list[Any]) -> list[str]:
 
 def _read_csv(path: Path) -> Iterator[Row]:
     """Rows of a ``file,caption`` or ``file,captions`` CSV (``|`` separates captions)."""
-    with path.open(newline="", encoding="utf-8") as f:
+    with io.StringIO(read_utf8(path), newline="") as f:
         reader = csv.DictReader(f)
         cols = set(reader.fieldnames or [])
         if "file" not in cols or not cols & {"caption", "captions"}:
@@ -255,7 +306,7 @@ def _read_csv(path: Path) -> Iterator[Row]:
 
 def _read_jsonl(path: Path) -> Iterator[Row]:
     """Rows of a JSONL file: ``{"file", "captions" | "caption", "label"?}`` per line."""
-    with path.open(encoding="utf-8") as f:
+    with io.StringIO(read_utf8(path)) as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -348,8 +399,6 @@ def _coco_image(src: Path, subdirs: list[Path], file_name: str, subdir: str | No
 
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path}: file not found") from None
+        return json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise PipelineError(f"{path}: invalid JSON ({exc})") from None

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.config import setting
 from pipeline.errors import CacheError
 from pipeline.losses.balancer import BALANCERS, LossBalancer
 from pipeline.registry import Registry
@@ -79,7 +80,7 @@ class LossTerm:
     """One entry of ``train.losses`` in params.yaml."""
 
     name: str                                               # registry name, e.g. "contrastive"
-    weight: float = 1.0                                     # multiplier in the summed objective
+    weight: float = setting(1.0, minimum=0)                 # multiplier in the summed objective
     kwargs: dict[str, Any] = field(default_factory=dict)    # passed to the loss factory
 
 
