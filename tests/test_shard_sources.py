@@ -1,6 +1,7 @@
 """Shards read from file:// URLs, pipe: commands and fsspec URLs against the same shards as local files."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import uuid
@@ -9,6 +10,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.data.shards import (RandomAccess, _iter_groups, _open_tar, build_manifest, iter_raw, iter_samples, load_manifest,
                                   write_manifest)
@@ -222,4 +224,36 @@ def test_fsspec_url_source(tmp_path: Path, memory_bucket) -> None:
         reader.close()
     fs.pipe(f"{bucket}/{NAMES[1]}", (store / NAMES[1]).read_bytes()[:-1024])
     with pytest.raises(ShardError, match=r"s-000001\.tar: size \d+ != \d+ in manifest \(memory://"):
+        load_manifest(manifest.root, verify=True)
+
+
+class EtagMemoryFileSystem(MemoryFileSystem):
+    """fsspec's in-memory store reporting an ``ETag`` (the md5 of the content), as S3 does."""
+
+    protocol = "etagmemory"
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("etagmemory://"))
+
+    def info(self, path, **kwargs):
+        info = super().info(path, **kwargs)
+        if info["type"] == "file":
+            info["ETag"] = hashlib.md5(self.cat_file(path)).hexdigest()
+        return info
+
+
+def test_fsspec_version_tag_is_recorded_and_checked(tmp_path: Path, memory_bucket) -> None:
+    fsspec.register_implementation("etagmemory", EtagMemoryFileSystem, clobber=True)
+    fs, bucket = memory_bucket
+    store = _store(tmp_path)
+    data = (store / NAMES[0]).read_bytes()
+    fs.pipe(f"{bucket}/{NAMES[0]}", data)
+    manifest = load_manifest(_dataset(tmp_path, "etag", [f"etagmemory://{bucket}/{NAMES[0]}"]), verify=True)
+    assert manifest.shards[0].version == f"ETag={hashlib.md5(data).hexdigest()}"
+    changed = bytearray(data)
+    changed[600] ^= 0xFF  # same size: only the version tag tells
+    fs.pipe(f"{bucket}/{NAMES[0]}", bytes(changed))
+    load_manifest(manifest.root)  # without verify, remote shards are not contacted
+    with pytest.raises(ShardError, match=r"s-000000\.tar: version ETag=\w+ != ETag=\w+ in manifest"):
         load_manifest(manifest.root, verify=True)
