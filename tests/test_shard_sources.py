@@ -1,4 +1,5 @@
-"""Shards read from file:// URLs, pipe: commands and fsspec URLs against the same shards as local files."""
+"""Shards read from file:// URLs, pipe: commands and fsspec URLs, against the same shards read
+as local files."""
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,8 @@ import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipeline.data.shards import (RandomAccess, _iter_groups, _open_tar, build_manifest, iter_raw, iter_samples, load_manifest,
-                                  write_manifest)
+from pipeline.data.shards import (RandomAccess, _iter_groups, _open_tar, build_manifest, iter_raw,
+                                  iter_samples, load_manifest, write_manifest)
 from pipeline.errors import ShardError
 from tests._data_helpers import cut_points, png_bytes, simple_members, write_tar
 
@@ -56,7 +57,8 @@ def _dataset(tmp_path: Path, name: str, sources: list[str]) -> Path:
     """A dataset directory whose shards.txt lists ``sources``; manifest written."""
     root = tmp_path / name
     root.mkdir()
-    (root / "shards.txt").write_text("# shards kept elsewhere\n\n" + "\n".join(sources) + "\n")
+    lines = [f"{spec}   # shard {i}" if i % 2 else spec for i, spec in enumerate(sources)]
+    (root / "shards.txt").write_text("# shards kept elsewhere\n\n" + "\n".join(lines) + "\n")
     write_manifest(root)
     return root
 
@@ -150,7 +152,8 @@ def test_every_source_form_raises_the_same_truncation_error_while_reading(tmp_pa
     store = _store(tmp_path)
     whole = (store / NAMES[1]).read_bytes()
     local = load_manifest(_local_dataset(tmp_path, store))
-    streamed = {form: load_manifest(_dataset(tmp_path, form, _forms(store)[form])) for form in ("file", "pipe")}
+    streamed = {form: load_manifest(_dataset(tmp_path, form, _forms(store)[form]))
+                for form in ("file", "pipe")}
     cut = cut_points(store / NAMES[1])[0]  # inside the first image's data
     (store / NAMES[1]).write_bytes(whole[:cut])
     (local.root / NAMES[1]).write_bytes(whole[:cut])
@@ -249,7 +252,8 @@ def test_fsspec_version_tag_is_recorded_and_checked(tmp_path: Path, memory_bucke
     store = _store(tmp_path)
     data = (store / NAMES[0]).read_bytes()
     fs.pipe(f"{bucket}/{NAMES[0]}", data)
-    manifest = load_manifest(_dataset(tmp_path, "etag", [f"etagmemory://{bucket}/{NAMES[0]}"]), verify=True)
+    source = f"etagmemory://{bucket}/{NAMES[0]}"
+    manifest = load_manifest(_dataset(tmp_path, "etag", [source]), verify=True)
     assert manifest.shards[0].version == f"ETag={hashlib.md5(data).hexdigest()}"
     changed = bytearray(data)
     changed[600] ^= 0xFF  # same size: only the version tag tells

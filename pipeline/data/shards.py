@@ -588,7 +588,8 @@ def build_manifest(root: Path | str, sources: Sequence[str] | None = None) -> Ma
     if sources is None and (root / SHARD_LIST_NAME).is_file():
         sources = read_shard_list(root / SHARD_LIST_NAME)
     if sources is None:
-        return Manifest(root, tuple(_shard_info(path.name, None, root) for path in sorted(root.glob("*.tar"))))
+        paths = sorted(root.glob("*.tar"))
+        return Manifest(root, tuple(_shard_info(path.name, None, root) for path in paths))
     specs = expand_sources(sources, root)
     names: dict[str, str] = {}
     for spec in specs:

@@ -97,9 +97,11 @@ def source_name(spec: str) -> str:
 
 
 def read_shard_list(path: Path) -> list[str]:
-    """Sources listed in a ``shards.txt``: one per line; blank lines and ``#`` comments skipped."""
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+    """Sources listed in a ``shards.txt``: one per line; blank lines and comments skipped (a
+    comment starts with ``#`` at the start of a line or after a space, so URLs keep theirs)."""
+    lines = path.read_text().splitlines()
+    specs = [re.split(r"(?:^|\s)#", line, maxsplit=1)[0].strip() for line in lines]
+    return [spec for spec in specs if spec]
 
 
 def expand_sources(specs: Iterable[str], root: Path) -> list[str]:
