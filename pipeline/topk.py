@@ -1,10 +1,11 @@
 """Exact top-k by dot product in bounded memory.
 
-Similarities are computed block by block (``block_rows`` queries x ``block_keys`` keys, float32
-matmul) and merged into a running top-k per query, so memory never holds the full
-[Nq, Nk] matrix. Results are exactly reproducible: ties are broken by the lower key index.
+Results are exactly reproducible: ties are broken by the lower key index. Two backends follow
+that rule: faiss (the default where it is installed, below) and torch.
 
-Two tricks keep this exact and cheap:
+The torch backend computes similarities block by block (``block_rows`` queries x ``block_keys``
+keys, float32 matmul) and merges them into a running top-k per query, so memory never holds the
+full [Nq, Nk] matrix. Two tricks keep this exact and cheap:
 
 * Each (similarity, key index) pair is packed into one int64 whose integer order is
   "higher similarity first, then lower index": the upper 32 bits are the float32 bits mapped
@@ -15,8 +16,25 @@ Two tricks keep this exact and cheap:
   the current k-th best similarity (an equal one loses the tie, since key blocks are visited
   in index order). After the first key block that is a small fraction of the block, so the
   cost is dominated by the matmul instead of a full top-k over every block.
+
+The faiss backend (``faiss-cpu`` is a dependency; faster, with less memory, BENCHMARKS.md §4)
+lets faiss do the heavy part: its ``knn`` (the search of ``IndexFlatIP`` without building an
+index, so without a copy of the keys) returns a few more than k candidates per query, and the
+exact order is restored here. faiss keeps the right *set* of the top candidates but not the
+order of equal similarities, so each row's candidates are re-sorted by (similarity desc, index
+asc); the result is exact whenever the k-th similarity is strictly above the last candidate's,
+because then every key that could still tie or beat it is among the candidates. The rare rows
+where that fails (a run of equal similarities across the boundary) are searched again with
+more candidates until it holds.
+Both backends follow the same rule on their own float32 similarities, which can differ in the
+last bits (two BLAS libraries): two neighbours within a rounding error of each other may come
+out in either order depending on the backend (a few rows in 50,000 in BENCHMARKS.md §4).
 """
 from __future__ import annotations
+
+import functools
+from types import ModuleType
+from typing import Literal
 
 import numpy as np
 import torch
@@ -133,6 +151,10 @@ def _check(q: torch.Tensor, keys: torch.Tensor, k: int, key_valid, exclude_self:
     return torch.from_numpy(~valid)
 
 
+Backend = Literal["auto", "faiss", "torch"]
+_SLACK = 8  # candidates searched beyond k, so that ties at the boundary rarely need a second search
+
+
 def blocked_topk(
     queries: np.ndarray,
     keys: np.ndarray,
@@ -141,6 +163,7 @@ def blocked_topk(
     key_valid: np.ndarray | None = None,
     exclude_self: bool = False,
     block_keys: int = 4096,
+    backend: Backend = "auto",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k keys by dot product for every query.
 
@@ -148,11 +171,28 @@ def blocked_topk(
     (idx int32 [Nq,k], sim float32 [Nq,k]) sorted by descending similarity, ties broken by the
     lower key index. Keys with ``key_valid`` False are never returned; ``exclude_self`` (same
     set: Nq == Nk) drops key i for query i. Rows with fewer than k candidates are padded with
-    idx -1 and sim -inf. Peak extra memory ~ block_rows x block_keys x 6 bytes (similarities
-    and candidate mask) plus the candidates and the running top-k (block_rows x k x 8 bytes).
+    idx -1 and sim -inf. Queries are processed ``block_rows`` at a time.
+
+    backend: ``"faiss"`` (``faiss.knn`` on as many threads as torch uses, plus the exact tie
+    order; peak extra memory ~ faiss's 4096 x 1024 float32 block, the candidates of a query
+    block and, only when some keys are invalid, a copy of the valid keys), ``"torch"`` (matmul
+    blocks of ``block_rows`` x ``block_keys``; peak extra memory ~ block_rows x block_keys x 6
+    bytes plus the running top-k, block_rows x k x 8 bytes), or ``"auto"``: faiss when installed.
     """
     q_all, key_t = _as_f32("queries", queries), _as_f32("keys", keys)
     invalid = _check(q_all, key_t, k, key_valid, exclude_self)
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"unknown top-k backend {backend!r}; known: ['auto', 'faiss', 'torch']")
+    if backend == "faiss" and _faiss() is None:
+        raise ValueError("top-k backend 'faiss' needs the faiss-cpu package (pip install faiss-cpu)")
+    if backend != "torch" and _faiss() is not None:
+        return _faiss_topk(q_all.numpy(), key_t.numpy(), k, block_rows, invalid, exclude_self)
+    return _torch_topk(q_all, key_t, k, block_rows, block_keys, invalid, exclude_self)
+
+
+def _torch_topk(q_all: torch.Tensor, key_t: torch.Tensor, k: int, block_rows: int, block_keys: int,
+                invalid: torch.Tensor | None, exclude_self: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The torch backend: packed running top-k over key blocks (module docstring)."""
     idx = np.empty((q_all.shape[0], k), dtype=np.int32)
     sim = np.empty((q_all.shape[0], k), dtype=np.float32)
     for q0 in range(0, q_all.shape[0], block_rows):
@@ -163,3 +203,72 @@ def blocked_topk(
         idx[q0:q0 + best.shape[0]] = torch.where(found, b_idx, -1).numpy()
         sim[q0:q0 + best.shape[0]] = b_sim.numpy()
     return idx, sim
+
+
+# ----------------------------------------------------------------------------- faiss backend
+
+
+@functools.cache
+def _faiss() -> ModuleType | None:
+    """The faiss module, or None where it is not installed (imported on first use: it is slow)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _faiss_topk(queries: np.ndarray, keys: np.ndarray, k: int, block_rows: int,
+                invalid: torch.Tensor | None, exclude_self: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The faiss backend (module docstring): ``faiss.knn`` candidates, exact order restored."""
+    faiss = _faiss()
+    faiss.omp_set_num_threads(torch.get_num_threads())  # same thread budget as the torch backend
+    key_rows = None if invalid is None else np.flatnonzero(~invalid.numpy())
+    base = keys if key_rows is None else np.ascontiguousarray(keys[key_rows])
+    idx = np.full((queries.shape[0], k), -1, dtype=np.int32)
+    sim = np.full((queries.shape[0], k), -np.inf, dtype=np.float32)
+    for q0 in range(0, queries.shape[0], block_rows):
+        q = queries[q0:q0 + block_rows]
+        rows = np.arange(q0, q0 + q.shape[0])
+        todo = np.arange(q.shape[0])
+        n_cand = k + int(exclude_self) + _SLACK
+        while todo.size and base.shape[0]:
+            n_cand = min(n_cand, base.shape[0])
+            cand_sim, cand = faiss.knn(q[todo], base, n_cand, metric=faiss.METRIC_INNER_PRODUCT)
+            if key_rows is not None:
+                cand = np.where(cand >= 0, key_rows[np.maximum(cand, 0)], -1)
+            b_idx, b_sim, exact = _exact_order(cand, cand_sim, rows[todo] if exclude_self else None,
+                                               k, complete=n_cand == base.shape[0])
+            idx[q0 + todo[exact]], sim[q0 + todo[exact]] = b_idx[exact], b_sim[exact]
+            todo = todo[~exact]
+            n_cand *= 4
+    return idx, sim
+
+
+def _exact_order(cand: np.ndarray, cand_sim: np.ndarray, self_rows: np.ndarray | None, k: int,
+                 complete: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-k of each row's candidates by (similarity desc, index asc), and whether that is the
+    exact top-k: the candidates are every key (``complete``), or the k-th similarity is above
+    the last candidate's, so no key left out can reach it."""
+    missing = cand < 0
+    if self_rows is not None:
+        missing |= cand == self_rows[:, None]
+    # faiss sorts by similarity: only rows with equal neighbours or dropped entries need a sort
+    fix = np.flatnonzero((cand_sim[:, 1:] == cand_sim[:, :-1]).any(axis=1) | missing.any(axis=1))
+    if fix.size:
+        miss = missing[fix]
+        neg = np.where(miss, np.inf, -cand_sim[fix])  # dropped entries sort last
+        order = np.lexsort((np.where(miss, np.iinfo(np.int64).max, cand[fix]), neg), axis=-1)
+        cand, cand_sim, missing = cand.copy(), cand_sim.copy(), missing.copy()
+        cand[fix] = np.take_along_axis(cand[fix], order, axis=1)
+        cand_sim[fix] = np.take_along_axis(cand_sim[fix], order, axis=1)
+        missing[fix] = np.take_along_axis(miss, order, axis=1)
+    top = np.where(missing[:, :k], -1, cand[:, :k]).astype(np.int32)
+    top_sim = np.where(missing[:, :k], -np.inf, cand_sim[:, :k]).astype(np.float32)
+    if top.shape[1] < k:  # fewer keys than k: pad
+        pad = ((0, 0), (0, k - top.shape[1]))
+        top, top_sim = np.pad(top, pad, constant_values=-1), np.pad(top_sim, pad, constant_values=-np.inf)
+    if complete:
+        return top, top_sim, np.ones(len(cand), dtype=bool)
+    last = cand_sim.min(axis=1)  # the lowest similarity faiss kept (dropped entries included)
+    return top, top_sim, top_sim[:, -1] > last

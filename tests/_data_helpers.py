@@ -43,6 +43,14 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     return path
 
 
+def cut_points(path: Path) -> list[int]:
+    """Truncation points: inside data, at a member boundary, inside a header, right after the data."""
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    end_of_data = members[-1].offset_data + 512 * ((members[-1].size + 511) // 512)
+    return [members[0].offset_data + 10, members[2].offset, members[2].offset + 100, end_of_data]
+
+
 def caption_json(captions: list[str] | None = None, **extra: Any) -> bytes:
     obj = dict(extra)
     if captions is not None:

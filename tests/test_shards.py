@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,8 @@ from PIL import Image
 from pipeline.data.shards import (Manifest, SkipCounter, build_manifest, iter_samples, load_manifest,
                                   make_handler, strict_handler, write_manifest, write_shards)
 from pipeline.errors import SampleDecodeError, ShardError
-from tests._data_helpers import (CORRUPT_PNG, caption_json, image_array, jpeg_bytes, png_bytes,
-                                 simple_members, write_tar)
+from tests._data_helpers import (CORRUPT_PNG, caption_json, cut_points, image_array, jpeg_bytes,
+                                 png_bytes, simple_members, write_tar)
 
 
 def _two_shards(root: Path) -> None:
@@ -97,18 +96,10 @@ def test_edited_manifest_is_rejected(tmp_path: Path) -> None:
         load_manifest(tmp_path)
 
 
-def _cut_points(path: Path) -> list[int]:
-    """Truncation points: inside data, at a member boundary, inside a header, right after the data."""
-    with tarfile.open(path) as tar:
-        members = tar.getmembers()
-    end_of_data = members[-1].offset_data + 512 * ((members[-1].size + 511) // 512)
-    return [members[0].offset_data + 10, members[2].offset, members[2].offset + 100, end_of_data]
-
-
 def test_truncated_tar_raises_naming_shard(tmp_path: Path) -> None:
     good = write_tar(tmp_path / "good.tar", simple_members(["k0", "k1", "k2"]))
     whole = good.read_bytes()
-    for cut in _cut_points(good):
+    for cut in cut_points(good):
         root = tmp_path / f"cut{cut}"
         root.mkdir()
         (root / "t-000000.tar").write_bytes(whole)
@@ -122,7 +113,7 @@ def test_truncated_tar_raises_naming_shard(tmp_path: Path) -> None:
 
 def test_partial_end_marker_is_accepted(tmp_path: Path) -> None:
     path = write_tar(tmp_path / "t-000000.tar", simple_members(["k0", "k1"]))
-    end_of_data = _cut_points(path)[-1]
+    end_of_data = cut_points(path)[-1]
     path.write_bytes(path.read_bytes()[:end_of_data + 512])  # one zero block left: no data lost
     assert build_manifest(tmp_path).n_images == 2
 

@@ -237,7 +237,7 @@ def _read_demo(cfg: PrepareConfig) -> list[RawSample]:
     manifest = load_manifest(cfg.src, verify=True)
     samples = []
     for info in manifest.shards:
-        for key, files in iter_raw(manifest.root / info.name):
+        for key, files in iter_raw(manifest.location(info), info.name):
             meta = json.loads(files["json"])
             ext = next(e for e in IMAGE_EXTS if e in files)
             captions = tuple(c.strip() for c in meta.pop("captions", []) if c.strip())

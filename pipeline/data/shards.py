@@ -20,6 +20,13 @@ and the sample keeps its row.
 Reading uses :mod:`tarfile` directly rather than ``webdataset``: webdataset splits keys at the first
 dot, lets duplicated files escape handlers and can silently shorten a stream on a truncated tar,
 while row alignment with the teacher caches needs every one of these cases to fail loudly.
+
+Shards need not be files in the dataset directory: a ``shards.txt`` there (or the ``sources``
+argument of :func:`write_manifest`) lists them as local paths, ``file://``, ``s3://``, ``gs://``,
+``http(s)://`` URLs or ``pipe:`` commands (see :mod:`pipeline.data.sources`); the manifest records
+each one's source. Every source is parsed by the same code, so the same structural errors name the
+same shard and key. A shard's identity in the dataset fingerprint is its content (name, size,
+sha256, counts), never where it is kept: a copy moved to object storage keeps its fingerprint.
 """
 from __future__ import annotations
 
@@ -32,10 +39,12 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from PIL import Image
 
+from pipeline.data.sources import (SHARD_LIST_NAME, ForwardReader, expand_sources, is_pipe, local_path,
+                                   open_seekable, open_stream, read_shard_list, remote_stat, source_name)
 from pipeline.errors import SampleDecodeError, ShardError
 from pipeline.fingerprint import fingerprint as _fingerprint
 from pipeline.fingerprint import sha256_file
@@ -47,6 +56,8 @@ MANIFEST_SCHEMA_VERSION = 1
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _BLOCK = tarfile.BLOCKSIZE
 _RERUN = "re-run `distill prepare` to rebuild the dataset"
+_RERUN_MANIFEST = ("re-run `distill prepare` to rebuild the dataset, or write its manifest again "
+                   "(pipeline.data.shards.write_manifest) if the shards are meant to have changed")
 
 
 # ----------------------------------------------------------------------------- data types
@@ -71,13 +82,15 @@ class Sample:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """Size, hash and row counts of one shard."""
+    """Size, hash and row counts of one shard, and where it is read from."""
 
     name: str
     bytes: int
     sha256: str
     n_samples: int
     n_texts: int
+    source: str | None = None  # path, URL or pipe: command; None: the file <root>/<name>
+    version: str | None = None  # "<field>=<value>" of an fsspec object's version tag (ETag...) when written
 
 
 @dataclass(frozen=True)
@@ -105,9 +118,16 @@ class Manifest:
         """Global text row of the first caption of each shard."""
         return _prefix_sums([s.n_texts for s in self.shards])
 
+    def location(self, info: ShardInfo) -> Path | str:
+        """Where shard ``info`` is read: a local :class:`Path`, else the URL or ``pipe:`` command."""
+        if info.source is None:
+            return self.root / info.name
+        return local_path(info.source, self.root) or info.source
+
     @property
     def fingerprint(self) -> str:
-        """``sha256:<hex>`` of the shard list; independent of ``root`` so copies match."""
+        """``sha256:<hex>`` of the shard contents (name, size, sha256, counts); independent of
+        ``root`` and of each shard's source, so copies kept elsewhere match."""
         rows = [[s.name, s.bytes, s.sha256, s.n_samples, s.n_texts] for s in self.shards]
         return _fingerprint({"schema": MANIFEST_SCHEMA, "version": MANIFEST_SCHEMA_VERSION,
                              "shards": rows})
@@ -120,7 +140,9 @@ class Manifest:
             "n_images": self.n_images,
             "n_texts": self.n_texts,
             "fingerprint": self.fingerprint,
-            "shards": [vars(s).copy() for s in self.shards],
+            # source/version only when set: manifests of plain shard folders stay as they were
+            "shards": [{k: v for k, v in vars(s).items() if v is not None or k not in _OPTIONAL}
+                       for s in self.shards],
         }
 
     @classmethod
@@ -140,6 +162,9 @@ class Manifest:
             raise ShardError(f"{where}: stored fingerprint {data.get('fingerprint')} does not match "
                              f"its shard list ({manifest.fingerprint}); the file was edited; {_RERUN}")
         return manifest
+
+
+_OPTIONAL = ("source", "version")
 
 
 def _prefix_sums(counts: Sequence[int]) -> list[int]:
@@ -221,6 +246,7 @@ def _iter_groups(tar: tarfile.TarFile, shard: str) -> Iterator[tuple[str, dict[s
         if k != key:
             if key is not None:
                 yield key, group
+                _release(tar, info.offset)
             if k in seen:
                 raise ShardError(f"shard {shard}, key {k!r}: duplicate key (appears twice in the tar); {_RERUN}")
             seen.add(k)
@@ -230,6 +256,12 @@ def _iter_groups(tar: tarfile.TarFile, shard: str) -> Iterator[tuple[str, dict[s
         group[ext] = info
     if key is not None:
         yield key, group
+
+
+def _release(tar: tarfile.TarFile, offset: int) -> None:
+    """A streamed shard may forget the bytes before ``offset``: the previous sample is done."""
+    if isinstance(tar.fileobj, ForwardReader):
+        tar.fileobj.release(offset)
 
 
 def _members(tar: tarfile.TarFile, shard: str) -> Iterator[tarfile.TarInfo]:
@@ -329,35 +361,91 @@ def decode_image(data: bytes) -> Image.Image:
 # ----------------------------------------------------------------------------- reading
 
 
-def _open_tar(path: Path, shard: str) -> tarfile.TarFile:
+class _SourceTar(tarfile.TarFile):
+    """A TarFile that closes the stream it was given (tarfile leaves a given file object open)."""
+
+    source: BinaryIO | None = None
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.source is not None:
+                self.source.close()
+
+
+def _open_tar(location: Path | str, shard: str, by_id: bool = False) -> tarfile.TarFile:
+    """Open a shard: a local file in place, any other source as a stream (``by_id``: seekable,
+    for reads in any order)."""
+    # "r:" = seekable, uncompressed: headers are read in order and data we skip is never read.
+    if isinstance(location, Path):
+        try:
+            return tarfile.open(location, mode="r:")
+        except FileNotFoundError:
+            raise ShardError(f"shard {shard}: file {location} is missing; {_RERUN}") from None
+        except (tarfile.TarError, OSError) as exc:
+            raise ShardError(f"shard {shard}: not a readable tar ({exc}); {_RERUN}") from None
+    stream = open_seekable(location, shard) if by_id else open_stream(location, shard)
     try:
-        # "r:" = seekable, uncompressed: headers are read in order and data we skip is never read.
-        return tarfile.open(path, mode="r:")
-    except FileNotFoundError:
-        raise ShardError(f"shard {shard}: file {path} is missing; {_RERUN}") from None
+        tar = _SourceTar.open(fileobj=stream, mode="r:")
     except (tarfile.TarError, OSError) as exc:
+        stream.close()
         raise ShardError(f"shard {shard}: not a readable tar ({exc}); {_RERUN}") from None
+    except BaseException:
+        stream.close()
+        raise
+    tar.source = stream
+    return tar
 
 
-def scan_shard(path: Path) -> tuple[int, int]:
-    """Validate a shard's structure (not its images); return ``(n_samples, n_texts)``."""
-    shard = path.name
+def _finish_stream(tar: tarfile.TarFile, shard: str, expect: ShardInfo | None) -> tuple[int, str] | None:
+    """After a whole pass over a streamed shard: its ``(size, sha256)``, checked against the
+    manifest entry ``expect`` when given (None for local files, which are checked by ``stat``)."""
+    if not isinstance(tar.fileobj, ForwardReader):
+        return None
+    size, digest = tar.fileobj.finish()
+    if expect is not None and (size, digest) != (expect.bytes, expect.sha256):
+        raise ShardError(f"shard {shard}: content changed since the manifest was written (read "
+                         f"{size} bytes, sha256 {digest[:12]}...; manifest: {expect.bytes} bytes, "
+                         f"sha256 {expect.sha256[:12]}...); {_RERUN_MANIFEST}")
+    return size, digest
+
+
+def scan_shard(path: Path | str, shard: str | None = None) -> tuple[int, int]:
+    """Validate a shard's structure (not its images); return ``(n_samples, n_texts)``.
+
+    ``path``: a local path, or any source of :mod:`pipeline.data.sources`.
+    """
+    return _scan(path, shard or _name_of(path))[:2]
+
+
+def _name_of(location: Path | str) -> str:
+    return location.name if isinstance(location, Path) else source_name(location)
+
+
+def _scan(location: Path | str, shard: str) -> tuple[int, int, int, str]:
+    """``(n_samples, n_texts, size, sha256)`` of one shard, its structure validated."""
     n_samples = n_texts = 0
-    with _open_tar(path, shard) as tar:
+    with _open_tar(location, shard) as tar:
         for key, group in _iter_groups(tar, shard):
             _image_ext(shard, key, group)
             captions, _ = _text_fields(tar, group, shard, key)
             n_samples += 1
             n_texts += len(captions)
-    return n_samples, n_texts
+        streamed = _finish_stream(tar, shard, None)
+    if streamed is None:
+        assert isinstance(location, Path)
+        streamed = location.stat().st_size, sha256_file(location)
+    return n_samples, n_texts, *streamed
 
 
-def iter_raw(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_raw(path: Path | str, shard: str | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield ``(key, {ext: bytes})`` for every sample of one shard, validating structure.
 
-    For re-packing shards without decoding (e.g. ``prepare`` from the demo shards).
+    For re-packing shards without decoding (e.g. ``prepare`` from the demo shards). ``path``: a
+    local path or any source (:meth:`Manifest.location` gives a manifest shard's).
     """
-    shard = path.name
+    shard = shard or _name_of(path)
     with _open_tar(path, shard) as tar:
         for key, group in _iter_groups(tar, shard):
             _image_ext(shard, key, group)
@@ -384,7 +472,7 @@ def iter_samples(manifest: Manifest, shards: Sequence[str] | None = None, decode
     for info, offset in zip(manifest.shards, manifest.image_offsets()):
         if info.name not in wanted or offset >= hi or offset + info.n_samples <= lo:
             continue
-        yield from _iter_shard(manifest.root / info.name, info, offset, lo, hi, decode_images, handler)
+        yield from _iter_shard(manifest.location(info), info, offset, lo, hi, decode_images, handler)
 
 
 def _select_shards(manifest: Manifest, shards: Sequence[str] | None) -> set[str]:
@@ -398,12 +486,13 @@ def _select_shards(manifest: Manifest, shards: Sequence[str] | None) -> set[str]
     return set(shards)
 
 
-def _iter_shard(path: Path, info: ShardInfo, offset: int, lo: int, hi: int, decode_images: bool,
-                handler: Callable[[Exception], bool]) -> Iterator[Sample]:
-    """Samples of one shard with global rows in ``[lo, hi)``; checks counts against the manifest."""
+def _iter_shard(location: Path | str, info: ShardInfo, offset: int, lo: int, hi: int,
+                decode_images: bool, handler: Callable[[Exception], bool]) -> Iterator[Sample]:
+    """Samples of one shard with global rows in ``[lo, hi)``; checks counts against the manifest
+    (and, after a whole pass over a streamed shard, its size and sha256)."""
     shard = info.name
     row, n_texts = offset, 0
-    with _open_tar(path, shard) as tar:
+    with _open_tar(location, shard) as tar:
         for key, group in _iter_groups(tar, shard):
             if row >= hi:
                 return  # later rows are not wanted; the count check below needs the whole shard
@@ -413,6 +502,7 @@ def _iter_shard(path: Path, info: ShardInfo, offset: int, lo: int, hi: int, deco
             if row >= lo:
                 yield _make_sample(tar, group[ext], shard, key, captions, label, decode_images, handler)
             row += 1
+        _finish_stream(tar, shard, info)
     if row - offset != info.n_samples or n_texts != info.n_texts:
         raise ShardError(f"shard {shard}: holds {row - offset} samples / {n_texts} captions but the "
                          f"manifest says {info.n_samples} / {info.n_texts}; {_RERUN}")
@@ -453,7 +543,7 @@ class RandomAccess:
         if shard not in self._open:
             if shard not in self._info:
                 raise ShardError(f"{self.manifest.root}: shard {shard} is not in the manifest")
-            tar = _open_tar(self.manifest.root / shard, shard)
+            tar = _open_tar(self.manifest.location(self._info[shard]), shard, by_id=True)
             groups = dict(_iter_groups(tar, shard))
             if len(groups) != self._info[shard].n_samples:
                 tar.close()
@@ -483,21 +573,53 @@ class RandomAccess:
 # ----------------------------------------------------------------------------- manifests
 
 
-def build_manifest(root: Path | str) -> Manifest:
-    """Scan and validate every ``*.tar`` in ``root`` (sorted by name); writes nothing."""
+def build_manifest(root: Path | str, sources: Sequence[str] | None = None) -> Manifest:
+    """Scan and validate a dataset's shards; writes nothing.
+
+    The shards, in order: ``sources`` when given, else the lines of ``root/shards.txt`` when it
+    exists, else every ``*.tar`` in ``root`` (sorted by name). A source is a local path (relative
+    to ``root``), a ``file://``/``s3://``/``gs://``/``http(s)://`` URL or a ``pipe:`` command;
+    brace ranges ``{000000..000099}`` and ``*`` patterns expand. Each shard is read once, front to
+    back: its size and sha256 are those of the bytes read.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ShardError(f"{root}: dataset directory not found; run `distill prepare` first")
-    shards = []
-    for path in sorted(root.glob("*.tar")):
-        n_samples, n_texts = scan_shard(path)
-        shards.append(ShardInfo(path.name, path.stat().st_size, sha256_file(path), n_samples, n_texts))
-    return Manifest(root, tuple(shards))
+    if sources is None and (root / SHARD_LIST_NAME).is_file():
+        sources = read_shard_list(root / SHARD_LIST_NAME)
+    if sources is None:
+        paths = sorted(root.glob("*.tar"))
+        return Manifest(root, tuple(_shard_info(path.name, None, root) for path in paths))
+    specs = expand_sources(sources, root)
+    names: dict[str, str] = {}
+    for spec in specs:
+        name = source_name(spec)
+        if name in names:
+            raise ShardError(f"{root}: sources {names[name]!r} and {spec!r} both give shard name "
+                             f"{name!r} (sample ids are '<shard name>/<key>'); rename one")
+        names[name] = spec
+    return Manifest(root, tuple(_shard_info(name, spec, root) for name, spec in names.items()))
 
 
-def write_manifest(root: Path | str) -> Manifest:
-    """Build the manifest of ``root`` and write ``root/manifest.json`` atomically."""
-    manifest = build_manifest(root)
+def _shard_info(name: str, spec: str | None, root: Path) -> ShardInfo:
+    """Scan one shard; ``spec`` None (or a path that is ``root/name``) is the file ``root/name``."""
+    path = root / name if spec is None else local_path(spec, root)
+    if path is not None and path == root / name:
+        spec = None
+    n_samples, n_texts, size, digest = _scan(path or spec, name)  # type: ignore[arg-type]
+    version = None
+    if path is None and not is_pipe(spec):  # type: ignore[arg-type]
+        stat_size, version = remote_stat(spec, name)  # type: ignore[arg-type]
+        if stat_size is not None and stat_size != size:
+            raise ShardError(f"shard {name}: {spec} changed while it was read ({size} bytes read, "
+                             f"{stat_size} now); write the manifest again")
+    return ShardInfo(name, size, digest, n_samples, n_texts, spec, version)
+
+
+def write_manifest(root: Path | str, sources: Sequence[str] | None = None) -> Manifest:
+    """Build the manifest of ``root`` (see :func:`build_manifest`) and write
+    ``root/manifest.json`` atomically."""
+    manifest = build_manifest(root, sources)
     text = json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n"
     write_durable(Path(root) / MANIFEST_NAME, text)
     return manifest
@@ -506,8 +628,12 @@ def write_manifest(root: Path | str) -> Manifest:
 def load_manifest(root: Path | str, verify: bool = False) -> Manifest:
     """Read ``root/manifest.json``.
 
-    Always checks that every shard exists with the recorded size (a cheap ``stat``); with
-    ``verify=True`` also re-hashes each shard and names the ones whose content changed.
+    Always checks that every local shard exists with the recorded size (a cheap ``stat``); with
+    ``verify=True`` also re-hashes each local shard, and asks the store of each fsspec shard for
+    its size and version tag (one metadata request each, compared with those recorded), naming
+    the shards that changed. Remote and ``pipe:`` shards are not re-hashed here: every whole read
+    of one compares its size and sha256 with the manifest instead (a ``pipe:`` source has no
+    size until it is read, so it is only checked then).
     """
     root = Path(root)
     path = root / MANIFEST_NAME
@@ -525,8 +651,11 @@ def load_manifest(root: Path | str, verify: bool = False) -> Manifest:
 def _check_shard_files(manifest: Manifest, rehash: bool) -> None:
     problems = []
     for info in manifest.shards:
-        path = manifest.root / info.name
-        if not path.is_file():
+        path = manifest.location(info)
+        if not isinstance(path, Path):
+            if rehash and not is_pipe(path):
+                problems.extend(_remote_changes(info, path))
+        elif not path.is_file():
             problems.append(f"{info.name}: missing")
         elif (size := path.stat().st_size) != info.bytes:
             problems.append(f"{info.name}: size {size} != {info.bytes} in manifest")
@@ -534,7 +663,20 @@ def _check_shard_files(manifest: Manifest, rehash: bool) -> None:
             problems.append(f"{info.name}: sha256 {digest[:12]}... != {info.sha256[:12]}... in manifest")
     if problems:
         raise ShardError(f"{manifest.root}: shard(s) changed since the manifest was written: "
-                         + "; ".join(problems) + f"; {_RERUN}")
+                         + "; ".join(problems) + f"; {_RERUN_MANIFEST}")
+
+
+def _remote_changes(info: ShardInfo, spec: str) -> list[str]:
+    """Differences between an fsspec shard's current size/version and the manifest's."""
+    try:
+        size, version = remote_stat(spec, info.name)
+    except ShardError as exc:
+        return [str(exc)]
+    if size is not None and size != info.bytes:
+        return [f"{info.name}: size {size} != {info.bytes} in manifest ({spec})"]
+    if info.version is not None and version is not None and version != info.version:
+        return [f"{info.name}: version {version} != {info.version} in manifest ({spec})"]
+    return []
 
 
 # ----------------------------------------------------------------------------- writing
