@@ -2,13 +2,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from pipeline.config import load_section
 from pipeline.data.prepare import PrepareConfig, prepare
 from stages.common import ParamsOpt, reported_errors, print_json
 
 
-def command(params: ParamsOpt = Path("params.yaml")) -> None:
+SectionOpt = Annotated[str, typer.Option(help="Params section to read (grounding: grounding.prepare).")]
+
+
+def command(params: ParamsOpt = Path("params.yaml"), section: SectionOpt = "prepare") -> None:
     """Write <out>/{train,val,test}/*.tar and their manifests (params section `prepare`)."""
     with reported_errors():
-        print_json(prepare(load_section(PrepareConfig, "prepare", params)))
+        print_json(prepare(load_section(PrepareConfig, section, params)))
