@@ -111,7 +111,7 @@ class Objective:
     def __call__(self, out: Any, targets: GroundTargets) -> tuple[Tensor, dict[str, float]]:
         parts = {name: term(out, targets) for name, term in self.terms.items()}
         total = sum(self.weights[n] * v for n, v in parts.items())
-        return total, {n: float(v) for n, v in parts.items()}  # type: ignore[return-value]
+        return total, {n: float(v.detach()) for n, v in parts.items()}  # type: ignore[return-value]
 
 
 def build_objective(losses: tuple[LossTerm, ...], student_dim: int, teacher_dims: dict[str, int]) -> Objective:
@@ -222,8 +222,9 @@ def train_grounding(cfg: GroundTrainConfig, progress: bool | None = None) -> dic
                                         teacher["text"][idx].to(device) if "text" in teacher else None)
                 result = model(pixels[img].to(device), tokens[idx].to(device))
                 loss, parts = objective(result, targets)
-                if not torch.isfinite(loss):
-                    raise PipelineError(f"grounding training diverged at step {step} (loss {float(loss)}); "
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise PipelineError(f"grounding training diverged at step {step} (loss {value}); "
                                         "lower grounding.train.lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -233,11 +234,11 @@ def train_grounding(cfg: GroundTrainConfig, progress: bool | None = None) -> dic
                     now = time.perf_counter()
                     n_logged = cfg.log_every if step % cfg.log_every == 0 else step % cfg.log_every
                     last = {"step": step, "epoch": round(step / per_epoch, 3) if per_epoch else 0.0,
-                            "loss": float(loss), **{f"loss_{k}": v for k, v in parts.items()},
+                            "loss": value, **{f"loss_{k}": v for k, v in parts.items()},
                             "lr": lr, "samples_per_s": n_logged * cfg.batch_size / max(now - t_log, 1e-9)}
                     log.writerow(last)
                     log_file.flush()
-                    LOG.info("ground train step %d/%d loss %.4f", step, steps, float(loss))
+                    LOG.info("ground train step %d/%d loss %.4f", step, steps, value)
                     t_log = now
         calls = teacher_forwards() - forwards_before
         if calls:
