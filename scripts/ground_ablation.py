@@ -3,7 +3,8 @@
     python scripts/ground_ablation.py --recipes none epmvg --seeds 0 1 --out docs/ground_ablation
 
 Each experiment is ``dvc exp run -S grounding.train.recipe=<r> -S grounding.train.seed=<s>``
-(the teacher cache is up to date, so only ``ground_train`` and ``ground_evaluate`` run). Acc@0.5
+with the target ``ground_evaluate`` (the teacher cache is up to date, so only ``ground_train``
+and ``ground_evaluate`` run; the retrieval stages are not touched). Acc@0.5
 and mean IoU, overall and by expression type, go to ``<out>.md`` (mean ± std over seeds) and the
 raw numbers to ``<out>.json``. params.yaml and dvc.lock are restored at the end.
 """
@@ -22,7 +23,7 @@ import yaml
 def run_one(recipe: str, seed: int) -> dict:
     """Run one experiment; return its metrics, training summary and wall time."""
     cmd = ["dvc", "exp", "run", "-n", f"ground-{recipe}-s{seed}", "-S", f"grounding.train.recipe={recipe}",
-           "-S", f"grounding.train.seed={seed}"]
+           "-S", f"grounding.train.seed={seed}", "ground_evaluate"]  # only the grounding stages
     print("+", " ".join(cmd), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
