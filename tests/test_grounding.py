@@ -22,6 +22,7 @@ from pipeline.grounding.evaluate import score
 from pipeline.grounding.losses import GROUNDING_LOSSES, GroundTargets
 from pipeline.grounding.model import GroundOutput
 from pipeline.grounding.scenes import POOL, build_scene
+from pipeline.losses.base import LossTerm
 from tests.conftest import write_scene_shards
 
 REPO = Path(__file__).resolve().parent.parent
@@ -239,3 +240,96 @@ def test_prepared_shard_with_a_bad_box_is_refused_on_read(tmp_path):
     write_manifest(tmp_path / "train")
     with pytest.raises(PipelineError, match=r"train-000000.tar, key 's1', expression 0: box .* outside"):
         load_split(tmp_path / "train")
+
+
+# ----------------------------------------------------------------------------- train and evaluate
+
+TINY_GROUNDER = {"image_size": 32, "patch_size": 8, "vision_width": 32, "text_width": 32, "fusion_width": 32,
+                 "fusion_layers": 1, "heads": 2, "vocab_size": 256}
+
+
+@pytest.fixture
+def scenes_dataset(tmp_path, emoji_pool) -> Path:
+    write_scene_shards(tmp_path / "src", emoji_pool, 24)
+    prepare(PrepareConfig(source="grounding_wds", src=str(tmp_path / "src"), out=str(tmp_path / "ds"),
+                          test_percent=30, val_percent=0))
+    return tmp_path / "ds"
+
+
+def _shuffled_cache(path: Path, split_dir: Path, dim: int = 6, fingerprint: str | None = None) -> tuple[Path, dict]:
+    """A teacher cache of ``split_dir`` whose rows are in reversed order; returns the embedding
+    of every id, to check the join goes by id."""
+    from pipeline.cache import write_cache_from_arrays
+
+    split = load_split(split_dir)
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(len(split.image_ids), dim)).astype(np.float32)
+    txt = rng.normal(size=(len(split.text_ids), dim)).astype(np.float32)
+    img_order, txt_order = np.arange(len(img))[::-1], np.arange(len(txt))[::-1]
+    image_ids = np.array(split.image_ids)[img_order]
+    position = {sid: i for i, sid in enumerate(image_ids)}
+    write_cache_from_arrays(
+        path, image_ids=image_ids, text_ids=np.array(split.text_ids)[txt_order],
+        text_to_image=np.array([position[split.image_ids[int(split.image_index[j])]] for j in txt_order]),
+        teacher={"teacher": "random"}, dataset_fingerprint=fingerprint or load_manifest(split_dir).fingerprint,
+        split="train", logit_scale=10.0, image_emb=img[img_order], text_emb=txt[txt_order])
+    by_id = {**dict(zip(split.image_ids, img.astype(np.float16).astype(np.float32))),
+             **dict(zip(split.text_ids, txt.astype(np.float16).astype(np.float32)))}
+    return path, by_id
+
+
+def test_teacher_targets_are_joined_by_id(scenes_dataset, tmp_path):
+    from pipeline.grounding.train import GroundTrainConfig, teacher_targets
+
+    cache, by_id = _shuffled_cache(tmp_path / "c.zarr", scenes_dataset / "train")
+    split = load_split(scenes_dataset / "train")
+    cfg = GroundTrainConfig(cache=str(cache))
+    out = teacher_targets(cfg, split, frozenset({"image_emb", "text_emb"}),
+                          load_manifest(scenes_dataset / "train").fingerprint)
+    for j in (0, len(split) - 1):
+        assert np.array_equal(out["text"][j].numpy(), by_id[split.text_ids[j]])
+        assert np.array_equal(out["image"][j].numpy(), by_id[split.image_ids[int(split.image_index[j])]])
+    assert teacher_targets(cfg, split, frozenset(), "unused") == {}  # no distillation: no cache read
+
+
+def test_cache_of_another_dataset_is_refused(scenes_dataset, tmp_path):
+    from pipeline.grounding.train import GroundTrainConfig, train_grounding
+
+    other = "sha256:" + "0" * 64
+    cache, _ = _shuffled_cache(tmp_path / "c.zarr", scenes_dataset / "train", fingerprint=other)
+    cfg = GroundTrainConfig(student_kwargs=TINY_GROUNDER, dataset=str(scenes_dataset), cache=str(cache),
+                            losses=(LossTerm("box_l1"), LossTerm("epmvg_grounding")),
+                            out_dir=str(tmp_path / "m"), batch_size=8, epochs=1, device="cpu")
+    with pytest.raises(CacheError, match=other):
+        train_grounding(cfg, progress=False)
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_with_distillation_then_evaluate_writes_report_with_pictures(scenes_dataset, tmp_path):
+    from pipeline.grounding.evaluate import GroundEvalConfig, evaluate_grounding
+    from pipeline.grounding.train import GroundTrainConfig, train_grounding
+
+    cache, _ = _shuffled_cache(tmp_path / "c.zarr", scenes_dataset / "train")
+    cfg = GroundTrainConfig(student_kwargs=TINY_GROUNDER, dataset=str(scenes_dataset), cache=str(cache),
+                            losses=(LossTerm("box_l1", 5.0), LossTerm("box_giou", 2.0),
+                                    LossTerm("epmvg_grounding")),
+                            out_dir=str(tmp_path / "m"), batch_size=8, epochs=2, log_every=1, device="cpu")
+    summary = train_grounding(cfg, progress=False)
+    assert summary["teacher_forward_calls"] == 0 and summary["teacher_fields"] == ["image", "text"]
+    log = (tmp_path / "m" / "train_log.csv").read_text().splitlines()
+    assert log[0].split(",")[:6] == ["step", "epoch", "loss", "loss_box_l1", "loss_box_giou", "loss_epmvg_grounding"]
+    assert len(log) == 1 + summary["steps"]
+    reports = tmp_path / "r"
+    metrics = evaluate_grounding(GroundEvalConfig(
+        dataset=str(scenes_dataset / "test"), student_dir=str(tmp_path / "m"), latency_batch_sizes=(1, 4),
+        latency_repeats=1, latency_warmup=0, n_examples=3, metrics_path=str(reports / "metrics.json"),
+        figures_dir=str(reports / "fig"), report_path=str(reports / "report.md")))
+    test = load_split(scenes_dataset / "test")
+    assert metrics["n"] == len(test) and sum(m["n"] for m in metrics["by_type"].values()) == len(test)
+    assert 0.0 <= metrics["acc_at_0_5"] <= 1.0 and metrics["efficiency"]["params_total"] > 0
+    report = (reports / "report.md").read_text()
+    assert report.count("](fig/example_") == 3
+    picture = Image.open(reports / "fig" / "example_0.png").convert("RGB")
+    assert picture.size == (384, 384)
+    colours = {c for _, c in picture.getcolors(1 << 16)}
+    assert (0, 170, 0) in colours and (220, 0, 0) in colours  # true and predicted boxes drawn
