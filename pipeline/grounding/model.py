@@ -101,7 +101,7 @@ class TransVGStudent(nn.Module):
     registry_name = ""
     spec_kwargs: dict[str, Any]
 
-    def __init__(self, image_size: int = 64, patch_size: int = 8, vision_width: int = 64,
+    def __init__(self, image_size: int = 48, patch_size: int = 8, vision_width: int = 64,
                  vision_layers: int = 1, text_width: int = 64, text_layers: int = 1,
                  context_length: int = 10, vocab_size: int = 4096, fusion_width: int = 96,
                  fusion_layers: int = 2, heads: int = 4) -> None:
