@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,20 @@ def hash_tokenize(texts: list[str], context_length: int, vocab_size: int) -> Ten
     return out
 
 
+def sine_positions(grid: int, width: int, temperature: float = 10000.0) -> Tensor:
+    """Fixed 2D sine position embedding ``[grid * grid, width]`` (DETR's, which TransVG uses):
+    half the channels encode the row, half the column, at geometrically spaced frequencies."""
+    quarter = width // 4
+    freq = temperature ** (-torch.arange(quarter, dtype=torch.float32) / quarter)
+    coords = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2 * math.pi
+    angles = coords[:, None] * freq[None]  # [grid, quarter]
+    per_axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # [grid, 2 * quarter]
+    rows = per_axis[:, None, :].expand(grid, grid, -1)
+    cols = per_axis[None, :, :].expand(grid, grid, -1)
+    pos = torch.cat([rows, cols], dim=-1).reshape(grid * grid, 4 * quarter)
+    return nn.functional.pad(pos, (0, width - 4 * quarter))
+
+
 def _encoder(width: int, heads: int, layers: int) -> nn.TransformerEncoder:
     layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0,
                                        activation="gelu", batch_first=True, norm_first=True)
@@ -74,7 +89,8 @@ class ConvPatchTower(nn.Module):
         half = patch_size // 2
         self.stem = nn.Sequential(nn.Conv2d(3, width // 2, half, stride=half), nn.BatchNorm2d(width // 2),
                                   nn.GELU(), nn.Conv2d(width // 2, width, 2, stride=2))
-        self.pos = nn.Parameter(torch.randn(1, (image_size // patch_size) ** 2, width) * 0.02)
+        # where a patch is must survive to the box head: fixed sine positions, as in DETR/TransVG
+        self.register_buffer("pos", sine_positions(image_size // patch_size, width)[None], persistent=False)
         self.encoder = _encoder(width, heads, layers)
 
     def forward(self, pixels: Tensor) -> Tensor:
@@ -113,6 +129,8 @@ class TransVGStudent(nn.Module):
         self.visual_proj = nn.Linear(vision_width, fusion_width)
         self.text_proj = nn.Linear(text_width, fusion_width)
         self.reg = nn.Parameter(torch.zeros(1, 1, fusion_width))
+        grid_pos = sine_positions(image_size // patch_size, fusion_width)
+        self.register_buffer("visual_pos", grid_pos[None], persistent=False)
         self.fusion_pos = nn.Parameter(torch.randn(1, 1 + self.n_visual + context_length, fusion_width) * 0.02)
         self.fusion = _encoder(fusion_width, heads, fusion_layers)
         self.norm = nn.LayerNorm(fusion_width)
@@ -120,6 +138,8 @@ class TransVGStudent(nn.Module):
                                       nn.Linear(fusion_width, fusion_width), nn.ReLU(),
                                       nn.Linear(fusion_width, 4))
         self.width = fusion_width
+        nn.init.zeros_(self.box_head[-1].weight)  # start at the centred half-size box, not at noise
+        nn.init.zeros_(self.box_head[-1].bias)
 
     def preprocess(self, image: PIL.Image.Image) -> Tensor:
         """Resize to ``image_size`` square (boxes are normalised per axis, so they follow) and
@@ -131,7 +151,7 @@ class TransVGStudent(nn.Module):
         return hash_tokenize(texts, self.context_length, self.vocab_size)
 
     def forward(self, pixels: Tensor, tokens: Tensor) -> GroundOutput:
-        visual = self.visual_proj(self.visual(pixels))
+        visual = self.visual_proj(self.visual(pixels)) + self.visual_pos
         text = self.text_proj(self.text(tokens))
         reg = self.reg.expand(len(pixels), -1, -1)
         fused = self.fusion(torch.cat([reg, visual, text], dim=1) + self.fusion_pos,
