@@ -57,7 +57,7 @@ def tiny_params() -> dict:
     grounding["train"].update(
         student_kwargs={"image_size": 32, "patch_size": 8, "vision_width": 32, "text_width": 32,
                         "fusion_width": 32, "fusion_layers": 1, "heads": 2, "vocab_size": 256},
-        dataset="data/scenes", cache="caches/grounding/tiny_clip/train.zarr", batch_size=8, epochs=1.0,
+        recipe="epmvg", dataset="data/scenes", cache="caches/grounding/tiny_clip/train.zarr", batch_size=8, epochs=1.0,
         warmup_steps=1, log_every=1, device="cpu")
     grounding["evaluate"].update(dataset="data/scenes/test", latency_batch_sizes=[1, 4], latency_repeats=2,
                                  latency_warmup=1, n_examples=2)
