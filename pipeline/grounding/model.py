@@ -2,7 +2,8 @@
 
 An image tower turns the image into patch tokens, a text tower turns the expression into token
 features, and a fusion transformer reads ``[REG]`` + visual tokens + linguistic tokens; a box head
-on the ``[REG]`` output predicts the box as normalised ``(cx, cy, w, h)`` in ``[0, 1]``. The fusion
+on the ``[REG]`` output predicts the box as normalised ``(cx, cy, w, h)`` in ``[0, 1]`` (its
+centre read off an attention map of ``[REG]`` over the fused visual tokens, see ``_box``). The fusion
 outputs at the first visual token and at the first linguistic token (the text's ``[CLS]``) are
 what EpmVG distils to the teacher's image and text embeddings.
 
@@ -138,8 +139,16 @@ class TransVGStudent(nn.Module):
                                       nn.Linear(fusion_width, fusion_width), nn.ReLU(),
                                       nn.Linear(fusion_width, 4))
         self.width = fusion_width
-        nn.init.zeros_(self.box_head[-1].weight)  # start at the centred half-size box, not at noise
+        nn.init.zeros_(self.box_head[-1].weight)  # start at a centred box, not at noise
         nn.init.zeros_(self.box_head[-1].bias)
+        # [REG] points at the patch it means: a dot-product map over the fused visual tokens
+        self.point_query = nn.Linear(fusion_width, fusion_width)
+        self.point_key = nn.Linear(fusion_width, fusion_width)
+        grid = image_size // patch_size
+        centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+        xy = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), dim=-1).reshape(-1, 2)
+        self.register_buffer("patch_centres", xy, persistent=False)  # [V, 2] (x, y) in [0, 1]
+        self.cell = 1.0 / grid
 
     def preprocess(self, image: PIL.Image.Image) -> Tensor:
         """Resize to ``image_size`` square (boxes are normalised per axis, so they follow) and
@@ -157,8 +166,19 @@ class TransVGStudent(nn.Module):
         fused = self.fusion(torch.cat([reg, visual, text], dim=1) + self.fusion_pos,
                             src_key_padding_mask=self._mask(tokens))
         fused = self.norm(fused)
-        box = self.box_head(fused[:, 0]).sigmoid()
-        return GroundOutput(box, fused[:, 1], fused[:, 1 + self.n_visual])
+        return GroundOutput(self._box(fused), fused[:, 1], fused[:, 1 + self.n_visual])
+
+    def _box(self, fused: Tensor) -> Tensor:
+        """Box from [REG]: the centre is the expected patch centre under [REG]'s attention map
+        over the fused visual tokens plus an offset of up to one patch, the size comes from the
+        MLP. Reading the centre off patch positions, instead of regressing it from one vector,
+        is what lets a small model trained from scratch leave the "average box" quickly."""
+        reg, visual = fused[:, 0], fused[:, 1:1 + self.n_visual]
+        logits = torch.einsum("bd,bvd->bv", self.point_query(reg), self.point_key(visual)) / math.sqrt(self.width)
+        centre = logits.softmax(-1) @ self.patch_centres
+        head = self.box_head(reg)
+        offset = self.cell * torch.tanh(head[:, :2])
+        return torch.cat([(centre + offset).clamp(0, 1), head[:, 2:].sigmoid()], dim=-1)
 
     def _mask(self, tokens: Tensor) -> Tensor:
         keep = torch.zeros(len(tokens), 1 + self.n_visual, dtype=torch.bool, device=tokens.device)
