@@ -333,3 +333,17 @@ def test_train_with_distillation_then_evaluate_writes_report_with_pictures(scene
     assert picture.size == (384, 384)
     colours = {c for _, c in picture.getcolors(1 << 16)}
     assert (0, 170, 0) in colours and (220, 0, 0) in colours  # true and predicted boxes drawn
+
+
+def test_cli_lists_grounding_components_and_refuses_an_unknown_recipe(tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    listed = CliRunner().invoke(app, ["list"])
+    assert "grounding students: transvg_tiny" in listed.output
+    assert "grounding losses: box_giou, box_l1, epmvg_grounding" in listed.output
+    params = tmp_path / "params.yaml"
+    params.write_text("grounding:\n  train: {recipe: nope}\n  recipes: {none: {losses: [{name: box_l1}]}}\n")
+    result = CliRunner().invoke(app, ["ground", "train", "-p", str(params)])
+    assert result.exit_code == 1 and "unknown recipe 'nope'; known: none" in result.output
