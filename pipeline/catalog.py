@@ -46,6 +46,14 @@ CATALOG: dict[str, dict[str, str]] = {
         "dsmd": "pipeline.losses.balancer:make_dsmd",
         "fixed": "pipeline.losses.balancer:make_fixed",
     },
+    "grounding_student": {
+        "transvg_tiny": "pipeline.grounding.model:make_transvg_tiny",
+    },
+    "grounding_loss": {
+        "box_giou": "pipeline.grounding.losses:make_box_giou",
+        "box_l1": "pipeline.grounding.losses:make_box_l1",
+        "epmvg_grounding": "pipeline.grounding.losses:make_epmvg_grounding",
+    },
 }
 
 # Where each kind's registry lives ("module:attr"), for the consistency test.
@@ -54,11 +62,14 @@ REGISTRIES: dict[str, str] = {
     "student": "pipeline.students:STUDENTS",
     "loss": "pipeline.losses:LOSSES",
     "balancer": "pipeline.losses:BALANCERS",
+    "grounding_student": "pipeline.grounding.model:GROUNDING_STUDENTS",
+    "grounding_loss": "pipeline.grounding.losses:GROUNDING_LOSSES",
 }
 
 
 def names(kind: str) -> list[str]:
-    """Sorted names of one kind of component ("teacher", "student", "loss", "balancer")."""
+    """Sorted names of one kind of component (a key of ``CATALOG``: "teacher", "student", "loss",
+    "balancer", "grounding_student", "grounding_loss")."""
     return sorted(CATALOG[kind])
 
 

@@ -11,6 +11,8 @@ from typing import Any
 from pipeline.config import json_schema
 from pipeline.data.prepare import PrepareConfig
 from pipeline.evaluate import EvalConfig
+from pipeline.grounding.evaluate import GroundEvalConfig
+from pipeline.grounding.train import GroundRecipe, GroundTrainConfig
 from pipeline.itm import ItmConfig
 from pipeline.neighbors import NeighborsConfig
 from pipeline.teach import TeachConfig, TeacherEntry
@@ -41,8 +43,24 @@ def params_schema() -> dict[str, Any]:
             "evaluate": json_schema(EvalConfig),
             **{key: {"type": "string", "description": f"teacher name dvc.yaml interpolates ({role})"}
                for key, role in TEACHER_ROLES.items()},
+            "grounding": grounding_schema(),
         },
         "additionalProperties": False,
+    }
+
+
+def grounding_schema() -> dict[str, Any]:
+    """Section ``grounding``: the grounding task's own stage settings, teacher and recipes."""
+    return {
+        "type": "object", "title": "grounding", "additionalProperties": False,
+        "properties": {
+            "teacher": {"type": "string"},
+            "prepare": json_schema(PrepareConfig),
+            "teach": json_schema(TeachConfig),
+            "train": json_schema(GroundTrainConfig),
+            "recipes": {"type": "object", "additionalProperties": json_schema(GroundRecipe)},
+            "evaluate": json_schema(GroundEvalConfig),
+        },
     }
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import cache, evaluate, itm, neighbors, prepare, teach, train
+from stages import cache, evaluate, ground, itm, neighbors, prepare, teach, train
 
 app = typer.Typer(
     help="Offline distillation of vision-language teachers into small dual-encoder students.",
@@ -16,6 +16,7 @@ app.command("itm")(itm.command)
 app.command("train")(train.command)
 app.command("evaluate")(evaluate.command)
 app.add_typer(cache.app, name="cache")
+app.add_typer(ground.app, name="ground")
 
 
 @app.command("list")
@@ -27,6 +28,8 @@ def list_components() -> None:
     typer.echo(f"students: {', '.join(names('student'))}")
     typer.echo(f"losses:   {', '.join(names('loss'))}")
     typer.echo(f"balancers: {', '.join(names('balancer'))}")
+    typer.echo(f"grounding students: {', '.join(names('grounding_student'))}")
+    typer.echo(f"grounding losses: {', '.join(names('grounding_loss'))}")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from stages.common import ParamsOpt, ProgressOpt, print_json, reported_errors, start_output
 
 
-def command(params: ParamsOpt = Path("params.yaml"), progress: ProgressOpt = None) -> None:
+SectionOpt = Annotated[str, typer.Option(help="Params section to read (grounding: grounding.prepare).")]
+
+
+def command(params: ParamsOpt = Path("params.yaml"), section: SectionOpt = "prepare",
+            progress: ProgressOpt = None) -> None:
     """Write <out>/{train,val,test}/*.tar and their manifests (params section `prepare`)."""
     start_output(progress)
     from pipeline.config import load_section  # imported here: --help stays light
     from pipeline.data.prepare import PrepareConfig, prepare
 
     with reported_errors():
-        print_json(prepare(load_section(PrepareConfig, "prepare", params), progress))
+        print_json(prepare(load_section(PrepareConfig, section, params), progress))

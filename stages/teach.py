@@ -14,6 +14,8 @@ def command(
     params: ParamsOpt = Path("params.yaml"),
     device: Annotated[Optional[str], typer.Option(help="Override teach.device (cpu, cuda, cuda:1).")] = None,
     progress: ProgressOpt = None,
+    section: Annotated[str, typer.Option(help="Params section of the stage settings "
+                                                  "(grounding: grounding.teach).")] = "teach",
 ) -> None:
     """Cache one teacher's embeddings for every split (params sections `teach`, `teachers`)."""
     start_output(progress)
@@ -26,7 +28,7 @@ def command(
 
     with reported_errors():
         data = load_params(params)
-        cfg = load_section(TeachConfig, "teach", data)
+        cfg = load_section(TeachConfig, section, data)
         entry = load_section(TeacherEntry, f"teachers.{name}", data)
         # locked before the teacher is built: a second run is refused at once, not after
         # loading weights (run_teach takes the same lock again)

@@ -84,3 +84,21 @@ def tiny_teacher():
     from pipeline.teachers import create_teacher
 
     return create_teacher("open_clip", model_cfg=TINY_CLIP_CFG, pretrained=None)
+
+
+@pytest.fixture(scope="session")
+def emoji_pool():
+    """The scene builder's emoji images, read from the shipped demo/emoji shards."""
+    from pipeline.grounding.scenes import load_pool
+
+    return load_pool(str(Path(__file__).resolve().parent.parent / "demo" / "emoji"))
+
+
+def write_scene_shards(out: Path, pool: dict, n: int, seed: int = 0, shard_size: int = 16) -> Path:
+    """``n`` emoji scenes as grounding WebDataset shards (``expressions`` + ``boxes``) in ``out``."""
+    from pipeline.grounding.scenes import build_scene
+
+    write_shards((build_scene(pool, i, seed).sample(f"scene{i:06d}") for i in range(n)), out, "scenes",
+                 shard_size)
+    write_manifest(out)
+    return out

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY_CLIP_CFG, tiny_samples
+from pipeline.grounding.scenes import load_pool
+from tests.conftest import TINY_CLIP_CFG, tiny_samples, write_scene_shards
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -49,6 +50,17 @@ def tiny_params() -> dict:
         warmup_steps=1, log_every=1, checkpoint_every=2, device="cpu")
     params["evaluate"].update(dataset="data/tiny/test", teacher_cache="caches/tiny_clip/test.zarr",
                               teacher=None, latency_repeats=2, latency_warmup=1, measure_memory=False)
+    grounding = params["grounding"]
+    grounding["teacher"] = "tiny_clip"
+    grounding["prepare"].update(src="scenes", out="data/scenes", test_percent=30, val_percent=0)
+    grounding["teach"].update(dataset="data/scenes", batch_size=16, rows_per_shard=32, rows_per_chunk=16)
+    grounding["train"].update(
+        student_kwargs={"image_size": 32, "patch_size": 8, "vision_width": 32, "text_width": 32,
+                        "fusion_width": 32, "fusion_layers": 1, "heads": 2, "vocab_size": 256},
+        recipe="epmvg", dataset="data/scenes", cache="caches/grounding/tiny_clip/train.zarr", batch_size=8, epochs=1.0,
+        warmup_steps=1, log_every=1, device="cpu")
+    grounding["evaluate"].update(dataset="data/scenes/test", latency_batch_sizes=[1, 4], latency_repeats=2,
+                                 latency_warmup=1, n_examples=2)
     return params
 
 
@@ -87,6 +99,7 @@ def project(tmp_path: Path) -> Path:
     shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
     (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
     write_raw_folder(proj / "raw")
+    write_scene_shards(proj / "scenes", load_pool(str(REPO / "demo" / "emoji")), 20)
     run(["git", "init", "-q"], proj)
     run(["dvc", "init", "-q"], proj)
     return proj
@@ -95,7 +108,8 @@ def project(tmp_path: Path) -> Path:
 def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
     first = run(["dvc", "repro"], project)
     assert stages_run(first) == {"prepare", "teach@tiny_clip", "teach@tiny_vision", "teach@tiny_blip",
-                                 "neighbors", "itm", "train", "evaluate"}
+                                 "neighbors", "itm", "train", "evaluate",
+                                 "ground_prepare", "ground_teach", "ground_train", "ground_evaluate"}
     metrics = json.loads((project / "reports/eval/metrics.json").read_text())
     assert json.loads((project / "models/student/train_summary.json").read_text())["teacher_forward_calls"] == 0
     assert (project / "caches/tiny_clip/train.zarr/zarr.json").exists()
@@ -110,6 +124,7 @@ def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
     assert stages_run(run(["dvc", "repro"], project)) == {"train", "evaluate"}
 
     params["teach"]["batch_size"] = 5  # does not change the cached arrays: no teacher reruns
+    params["grounding"]["teach"]["batch_size"] = 5
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert stages_run(run(["dvc", "repro"], project)) == set()
 
@@ -133,3 +148,15 @@ def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
     assert stages_run(exp) == {"train", "evaluate"}
     summary = json.loads((project / "models/student/train_summary.json").read_text())
     assert [t["name"] for t in summary["losses"]] == ["contrastive", "mcad_candidates", "mcad_feature"]
+
+    # the grounding task: trained from the teacher cache of its scenes without running a teacher,
+    # and an experiment switches the distillation off, rerunning only its train and evaluate
+    ground = json.loads((project / "models/grounding/train_summary.json").read_text())
+    assert ground["teacher_forward_calls"] == 0 and ground["teacher_fields"] == ["image", "text"]
+    assert (project / "reports/ground/figures/example_0.png").exists()
+    assert "![" in (project / "reports/ground/report.md").read_text()
+    exp = run(["dvc", "exp", "run", "-n", "ground-none", "-S", "grounding.train.recipe=none"], project)
+    assert stages_run(exp) == {"ground_train", "ground_evaluate"}
+    ground = json.loads((project / "models/grounding/train_summary.json").read_text())
+    assert [t["name"] for t in ground["losses"]] == ["box_l1", "box_giou"] and ground["teacher_fields"] == []
+    assert "acc_at_0_5" in json.loads((project / "reports/ground/metrics.json").read_text())

@@ -16,6 +16,8 @@ Sources (``PrepareConfig.source``):
   ``images`` with ``filename``, ``filepath``, ``split`` and ``sentences[].raw``); Karpathy
   ``restval`` counts as train. Without an annotations file the Karpathy sentences are the captions.
 * ``demo``: the shipped emoji shards in ``src`` (default ``demo/emoji``), re-split.
+* ``refcoco``, ``grounding_wds``: visual grounding annotations (RefCOCO-style refs + instances,
+  or WebDataset shards with ``expressions`` and boxes); see :mod:`pipeline.grounding.data`.
 
 Split rule (used unless a Karpathy split file names the split)::
 
@@ -55,7 +57,8 @@ SPLITS = ("train", "val", "test")
 class PrepareConfig:
     """Parameters of ``distill prepare`` (section ``prepare`` of params.yaml)."""
 
-    source: Literal["demo", "folder", "coco"] = "demo"  # kind of input, see module docstring
+    source: Literal["demo", "folder", "coco", "refcoco", "grounding_wds"] = "demo"  # kind of input,
+                                                                             # see module docstring
     src: str = "demo/emoji"  # demo: shard folder; folder/coco: folder holding the images
     out: str = "data/emoji"  # output root; gets train/ val/ test/ dataset directories
     shard_size: int = setting(1000, minimum=1)  # max samples per output shard
@@ -63,8 +66,8 @@ class PrepareConfig:
     val_percent: int = setting(10, minimum=0, maximum=100)   # share of samples hashed into val
     salt: str = "split-v1"  # mixed into the split hash; change it to draw a different split
     captions_file: str | None = None  # folder: CSV/JSONL path; None -> src/captions.{csv,jsonl}
-    annotations_file: str | None = None  # coco: captions_*.json (COCO format)
-    split_file: str | None = None  # coco: Karpathy dataset_coco.json; None -> hash rule
+    annotations_file: str | None = None  # coco: captions_*.json (COCO format); refcoco: instances.json
+    split_file: str | None = None  # coco: Karpathy dataset_coco.json, None -> hash rule; refcoco: refs(*).p
 
     def __post_init__(self) -> None:
         check_settings(self, "prepare")
@@ -226,7 +229,10 @@ def _write_split(rows: list[RawSample], out_dir: Path, split: str, shard_size: i
 
 
 def _read_source(cfg: PrepareConfig) -> list[RawSample]:
-    readers = {"demo": _read_demo, "folder": _read_folder, "coco": _read_coco}
+    from pipeline.grounding.data import read_grounding_wds, read_refcoco
+
+    readers = {"demo": _read_demo, "folder": _read_folder, "coco": _read_coco,
+               "refcoco": read_refcoco, "grounding_wds": read_grounding_wds}
     if cfg.source not in readers:
         raise ConfigError(f"prepare.source: unknown source {cfg.source!r}; known: {sorted(readers)}")
     return readers[cfg.source](cfg)

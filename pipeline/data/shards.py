@@ -4,8 +4,9 @@ A *dataset directory* is a folder of ``*.tar`` shards plus ``manifest.json``. In
 sample is a group of consecutive members named ``{key}.{ext}``:
 
 * image: ``{key}.jpg|jpeg|png|webp``;
-* captions: ``{key}.json`` field ``"captions"`` (list of str) if present, else ``{key}.txt`` (one
-  caption per non-empty line), else ``{key}.json`` field ``"caption"`` (the img2dataset layout);
+* captions: ``{key}.json`` field ``"captions"`` (list of str) if present, else field
+  ``"expressions"`` (grounding samples, see :mod:`pipeline.grounding.data`), else ``{key}.txt``
+  (one caption per non-empty line), else ``{key}.json`` field ``"caption"`` (the img2dataset layout);
 * optional label: ``{key}.json`` field ``"label"``.
 
 Other single-dot extensions (``.cls``, ``.parquet``...) are ignored.
@@ -327,6 +328,8 @@ def _captions(tar: tarfile.TarFile, group: dict[str, tarfile.TarInfo], meta: dic
               shard: str, key: str) -> tuple[str, ...]:
     if isinstance(meta.get("captions"), list):
         raw = [str(c) for c in meta["captions"]]
+    elif isinstance(meta.get("expressions"), list):  # grounding samples: expressions are captions
+        raw = [str(c) for c in meta["expressions"]]
     elif "txt" in group:
         try:
             raw = _read(tar, group["txt"], shard).decode("utf-8").splitlines()
