@@ -1,6 +1,7 @@
 """``distill itm [DUAL]``: single-stream teacher scores of each image's top-k caption candidates."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +11,8 @@ from pipeline.config import load_params, load_section
 from pipeline.devices import resolve_device
 from pipeline.itm import ItmConfig, run_itm
 from pipeline.teach import TeacherEntry
-from stages.common import ParamsOpt, ProgressOpt, console, print_json, reported_errors
+from stages.common import (ExecutorOpt, ParamsOpt, ProgressOpt, SchedulerOpt, WorkersOpt, console,
+                           print_json, reported_errors, with_executor)
 
 
 def command(
@@ -19,17 +21,24 @@ def command(
     params: ParamsOpt = Path("params.yaml"),
     device: Annotated[Optional[str], typer.Option(help="Override itm.device (cpu, cuda, cuda:1).")] = None,
     progress: ProgressOpt = True,
+    executor: ExecutorOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Write <out_root>/DUAL/<split>.zarr with i2t_cand_idx / i2t_cand_itm (params sections `itm`,
     `teachers.<itm.single>`)."""
-    from pipeline.teachers import create_teacher  # here, so other stages never import teachers
-
     with reported_errors():
         data = load_params(params)
-        cfg = load_section(ItmConfig, "itm", data)
+        cfg = with_executor(load_section(ItmConfig, "itm", data), executor, workers, scheduler)
+        if device:
+            cfg = replace(cfg, device=device, devices=())
         entry = load_section(TeacherEntry, f"teachers.{cfg.single}", data)
-        teacher = create_teacher(entry.teacher, **entry.kwargs).to(resolve_device(device or cfg.device))
-        summary = run_itm(cfg, teacher, dual, progress=progress)
+        teacher = None
+        if cfg.executor != "dask":  # Dask workers build their own from the entry
+            from pipeline.teachers import create_teacher  # here, so other stages never import teachers
+
+            teacher = create_teacher(entry.teacher, **entry.kwargs).to(resolve_device(cfg.device))
+        summary = run_itm(cfg, teacher, dual, progress=progress, entry=entry)
     if summary["skipped_count"]:
         console.print(f"[yellow]{summary['skipped_count']} image(s) could not be decoded and were "
                       f"marked invalid; ids in {cfg.summary_dir}/{summary['dual']}.json[/]")

@@ -8,7 +8,8 @@ import typer
 
 from pipeline.config import load_section
 from pipeline.neighbors import NeighborsConfig, run_neighbors
-from stages.common import ParamsOpt, ProgressOpt, reported_errors, print_json
+from stages.common import (ExecutorOpt, ParamsOpt, ProgressOpt, SchedulerOpt, WorkersOpt, print_json,
+                           reported_errors, with_executor)
 
 
 def command(
@@ -16,8 +17,12 @@ def command(
         help="A key of the `teachers` mapping (default: neighbors.teacher).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     progress: ProgressOpt = True,
+    executor: ExecutorOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Write <out_root>/NAME/<split>.zarr with *_topk_idx / *_topk_sim (params section `neighbors`)."""
     with reported_errors():
-        cfg = load_section(NeighborsConfig, "neighbors", params)
+        cfg = with_executor(load_section(NeighborsConfig, "neighbors", params), executor, workers,
+                            scheduler)
         print_json(run_neighbors(cfg, name or cfg.teacher, progress))

@@ -1,6 +1,7 @@
 """``distill teach NAME``: run teacher NAME over the dataset into Zarr caches."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,7 +11,8 @@ from pipeline.config import load_params, load_section
 from pipeline.devices import resolve_device
 from pipeline.lock import output_lock
 from pipeline.teach import TeachConfig, TeacherEntry, run_teach
-from stages.common import ParamsOpt, ProgressOpt, console, reported_errors, print_json
+from stages.common import (ExecutorOpt, ParamsOpt, ProgressOpt, SchedulerOpt, WorkersOpt, console,
+                           print_json, reported_errors, with_executor)
 
 
 def command(
@@ -18,19 +20,23 @@ def command(
     params: ParamsOpt = Path("params.yaml"),
     device: Annotated[Optional[str], typer.Option(help="Override teach.device (cpu, cuda, cuda:1).")] = None,
     progress: ProgressOpt = True,
+    executor: ExecutorOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
-    """Cache one teacher's embeddings for every split (params sections `teach`, `teachers`)."""
-    from pipeline.teachers import create_teacher  # here, so other stages never import teachers
-
+    """Cache one teacher's embeddings for every split (params sections `teach`, `teachers`).
+    With the Dask executor every worker builds the teacher from its params entry."""
     with reported_errors():
         data = load_params(params)
-        cfg = load_section(TeachConfig, "teach", data)
+        cfg = with_executor(load_section(TeachConfig, "teach", data), executor, workers, scheduler)
+        if device:
+            cfg = replace(cfg, device=device, devices=())
         entry = load_section(TeacherEntry, f"teachers.{name}", data)
-        # locked before the teacher is built: a second run is refused at once, not after
+        # locked before any teacher is built: a second run is refused at once, not after
         # loading weights (run_teach takes the same lock again)
         with output_lock(Path(cfg.out_root) / name, f"`distill teach {name}`"):
-            teacher = create_teacher(entry.teacher, **entry.kwargs).to(resolve_device(device or cfg.device))
-            summary = run_teach(cfg, name, teacher, progress=progress)
+            teacher = _driver_teacher(cfg, entry)
+            summary = run_teach(cfg, name, teacher, progress=progress, entry=entry)
     if summary["skipped_count"]:
         ids = [s["id"] for split in summary["skipped"].values() for s in split]
         shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
@@ -38,3 +44,13 @@ def command(
                       f"invalid: {shown} (all ids and reasons in {cfg.summary_dir}/{name}.json)[/]",
                       highlight=False)
     print_json({k: v for k, v in summary.items() if k != "skipped"})
+
+
+def _driver_teacher(cfg: TeachConfig, entry: TeacherEntry):
+    """The teacher of an in-process run (built here, on the configured device); None on Dask,
+    whose workers build their own."""
+    if cfg.executor == "dask":
+        return None
+    from pipeline.teachers import create_teacher  # here, so other stages never import teachers
+
+    return create_teacher(entry.teacher, **entry.kwargs).to(resolve_device(cfg.device))

@@ -207,7 +207,8 @@ def test_cli_runs_the_stage_from_params(make_dataset, tiny_teacher, tmp_path):
     cfg = itm_cfg(root, tmp_path)
     params = {"teachers": {"dual": {"teacher": "open_clip", "kwargs": {"model_cfg": TINY_CLIP_CFG}},
                            "blip": {"teacher": "blip_itm", "kwargs": {"config": "tiny", "seed": 0}}},
-              "itm": {**vars(cfg), "splits": ["train"]}}
+              "itm": {**{k: v for k, v in vars(cfg).items() if k not in ("dask", "devices")},
+                      "splits": ["train"]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(app, ["itm", "--params", str(tmp_path / "params.yaml"), "--no-progress"])
     assert result.exit_code == 0, result.output
