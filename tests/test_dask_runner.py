@@ -13,11 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline.cache import TeacherCache
@@ -59,9 +61,9 @@ def on_cluster(cluster) -> DaskConfig:
 
 
 def teach_cfg(root: Path, out: Path, **kw) -> TeachConfig:
-    return TeachConfig(dataset=str(root), out_root=str(out / "caches"), batch_size=4,
-                       rows_per_shard=8, rows_per_chunk=4, device="cpu",
-                       summary_dir=str(out / "reports"), **kw)
+    settings = dict(dataset=str(root), out_root=str(out / "caches"), batch_size=4, rows_per_shard=8,
+                    rows_per_chunk=4, device="cpu", summary_dir=str(out / "reports"))
+    return TeachConfig(**(settings | kw))
 
 
 def dask(cfg, on_cluster: DaskConfig):
@@ -111,6 +113,19 @@ def test_dask_builds_teacher_neighbour_and_itm_stores_bit_identical(make_dataset
     assert again["up_to_date"] and again["forward_calls"] == 0
 
 
+@contextmanager
+def torch_threads(n: int):
+    """torch's CPU thread count for the block. The workers run 1 thread each, and a CPU
+    convolution's last bits depend on how many threads split it, so the serial reference of
+    an EfficientNet store runs with as many."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def kill_first_attempt(scratch: Path, part: str, killed: list[tuple[str, int]]) -> threading.Thread:
     """A thread that SIGKILLs the process of the first attempt marker of a ``part`` unit (the
     worker computing it) as soon as the marker appears, and records (unit, pid)."""
@@ -133,7 +148,8 @@ def kill_first_attempt(scratch: Path, part: str, killed: list[tuple[str, int]]) 
 
 def test_worker_killed_mid_unit_costs_that_unit_only(make_dataset, tmp_path, on_cluster):
     root = make_dataset(n_train=24, n_test=8)
-    serial = run_teach(teach_cfg(root, tmp_path / "serial"), "eff", entry=EFFNET, progress=False)
+    with torch_threads(1):
+        serial = run_teach(teach_cfg(root, tmp_path / "serial"), "eff", entry=EFFNET, progress=False)
     cfg = dask(teach_cfg(root, tmp_path / "dask"), on_cluster)
     killed: list[tuple[str, int]] = []
     watcher = kill_first_attempt(tmp_path / "dask/caches/.scratch/eff", "image", killed)
@@ -176,7 +192,9 @@ def test_killed_driver_resumes_on_dask_with_only_unfinished_units(make_dataset, 
     resumed = run_teach(dask(cfg, on_cluster), "eff", entry=EFFNET, progress=False)
     assert resumed["units_resumed"] == len(done)
     assert resumed["units_computed"] == n_units - len(done)  # only the unfinished units ran
-    run_teach(teach_cfg(root, tmp_path / "serial", rows_per_shard=4), "eff", entry=EFFNET, progress=False)
+    with torch_threads(1):
+        run_teach(teach_cfg(root, tmp_path / "serial", rows_per_shard=4), "eff", entry=EFFNET,
+                  progress=False)
     assert tree_digest(tmp_path / "dask/caches/eff") == tree_digest(tmp_path / "serial/caches/eff")
 
 
