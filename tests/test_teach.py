@@ -251,6 +251,20 @@ def test_preprocess_threads_give_identical_cache(make_dataset, tiny_teacher, tmp
     assert tree_digest(tmp_path / "a/tiny") == tree_digest(tmp_path / "b/tiny")
 
 
+def test_decoder_processes_give_identical_cache_and_the_same_errors(make_dataset, tiny_teacher, tmp_path):
+    """Images read, decoded and preprocessed in DataLoader processes apart from the forward:
+    the same bytes, the same skipped samples, and `strict` still names the sample."""
+    root = make_dataset(n_train=20, corrupt={5})
+    a = run_teach(teach_cfg(root, tmp_path, out_root=str(tmp_path / "a")), "tiny", tiny_teacher, progress=False)
+    b = run_teach(teach_cfg(root, tmp_path, out_root=str(tmp_path / "b"), decode_workers=2),
+                  "tiny", tiny_teacher, progress=False)
+    assert tree_digest(tmp_path / "a/tiny") == tree_digest(tmp_path / "b/tiny")
+    assert b["skipped"] == a["skipped"] and b["skipped_count"] == 1
+    with pytest.raises(SampleDecodeError, match="key s00005"):
+        run_teach(teach_cfg(root, tmp_path, out_root=str(tmp_path / "c"), decode_workers=2,
+                            on_bad_image="strict"), "tiny", tiny_teacher, progress=False)
+
+
 def test_prefetch_thread_stops_with_its_consumer():
     produced: list[int] = []
 
