@@ -44,15 +44,7 @@ PASSES = ("teach", "forward", "data")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="data/emoji", help="dataset root holding <split>/ shards")
-    p.add_argument("--split", default="test", help="split to encode")
-    p.add_argument("--synthetic", type=int, default=256,
-                   help="shape images to generate when the dataset split is missing")
-    p.add_argument("--teacher", default="demo_clip", help="teacher registry name")
-    p.add_argument("--teacher-model", default=None, help="`model` kwarg (open_clip, hf_text, timm)")
-    p.add_argument("--teacher-pretrained", default=None, help="`pretrained` kwarg (tag or file)")
-    p.add_argument("--teacher-kwarg", action="append", default=[], metavar="K=V",
-                   help="extra teacher kwarg (JSON value), repeatable")
+    add_data_and_teacher_args(p)
     p.add_argument("--batch-size", type=int, default=TeachConfig.batch_size,
                    help="images per teacher forward (texts: 4x), as teach.batch_size")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -68,6 +60,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="rows per unit of work (teach.rows_per_shard)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     return p.parse_args(argv)
+
+
+def add_data_and_teacher_args(p: argparse.ArgumentParser) -> None:
+    """The dataset and teacher options shared by the teach benchmarks."""
+    p.add_argument("--dataset", default="data/emoji", help="dataset root holding <split>/ shards")
+    p.add_argument("--split", default="test", help="split to encode")
+    p.add_argument("--synthetic", type=int, default=256,
+                   help="shape images to generate when the dataset split is missing")
+    p.add_argument("--teacher", default="demo_clip", help="teacher registry name")
+    p.add_argument("--teacher-model", default=None, help="`model` kwarg (open_clip, hf_text, timm)")
+    p.add_argument("--teacher-pretrained", default=None, help="`pretrained` kwarg (tag or file)")
+    p.add_argument("--teacher-kwarg", action="append", default=[], metavar="K=V",
+                   help="extra teacher kwarg (JSON value), repeatable")
 
 
 def dataset_root(args: argparse.Namespace, scratch: Path) -> tuple[Path, str]:
@@ -133,7 +138,7 @@ def cluster(args: argparse.Namespace) -> Iterator[str | None]:
 
     with dask.config.set({"distributed.worker.daemon": False}), \
             LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                         dashboard_address=None) as c:
+                         dashboard_address=":0") as c:
         yield c.scheduler_address
 
 

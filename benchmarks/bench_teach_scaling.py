@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import machine_info, markdown_table, median, teacher_kwargs, write_results
-from bench_teach import dataset_root
+from bench_teach import add_data_and_teacher_args, dataset_root
 from pipeline.data.shards import load_manifest
 from pipeline.executors import DaskConfig
 from pipeline.teach import TeachConfig, TeacherEntry, run_teach
@@ -28,15 +28,7 @@ from pipeline.teach import TeachConfig, TeacherEntry, run_teach
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", default="data/emoji", help="dataset root holding <split>/ shards")
-    p.add_argument("--split", default="test", help="split to encode")
-    p.add_argument("--synthetic", type=int, default=256,
-                   help="shape images to generate when the dataset split is missing")
-    p.add_argument("--teacher", default="demo_clip", help="teacher registry name")
-    p.add_argument("--teacher-model", default=None, help="`model` kwarg (open_clip, hf_text, timm)")
-    p.add_argument("--teacher-pretrained", default=None, help="`pretrained` kwarg (tag or file)")
-    p.add_argument("--teacher-kwarg", action="append", default=[], metavar="K=V",
-                   help="extra teacher kwarg (JSON value), repeatable")
+    add_data_and_teacher_args(p)
     p.add_argument("--batch-size", type=int, default=TeachConfig.batch_size)
     p.add_argument("--rows-per-shard", type=int, default=32,
                    help="rows per unit: small enough that every worker gets units")
@@ -72,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         manifest = load_manifest(root / args.split)
         stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
         clusters = {n: stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1,
-                                                        processes=True, dashboard_address=None))
+                                                        processes=True, dashboard_address=":0"))
                     for n in sizes}
         for n in sizes:  # warm-up: every worker builds its teacher
             teach_pass(args, root, work, clusters[n].scheduler_address)

@@ -139,7 +139,7 @@ def dask_client(cfg: DaskConfig, where: str = "stage") -> Iterator[Any]:
     # workers may start processes of their own (image decoding): not daemonic
     with dask.config.set({"distributed.worker.daemon": False}):
         with LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads_per_worker,
-                          processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+                          processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
             client.register_plugin(TorchThreads(threads))
             log.info("started a LocalCluster of %d workers (%d torch threads each)", cfg.workers, threads)
             yield client

@@ -50,7 +50,7 @@ def cluster():
 
     with dask.config.set({"distributed.worker.daemon": False}):
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster:
+                          dashboard_address=":0") as cluster:
             yield cluster
 
 

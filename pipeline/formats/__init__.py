@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import zarr
 
+from pipeline.cache import structure_faults
+
 
 @dataclass(frozen=True)
 class StoreFormat:
@@ -38,3 +40,17 @@ class StoreSpec:
     def create(self, path: Path) -> zarr.Group:
         """Create the empty store at ``path``."""
         return self.format.create(path, self.attrs, **self.dims)
+
+
+def structure_then_rows(rows: Callable[[zarr.Group], list[str]]) -> Callable[[Path, zarr.Group], list[str]]:
+    """A format's ``published_faults``: the cheap structure checks (fingerprints, layout, shard
+    files), then, when they pass, ``rows(group)`` (rows left at their fill values)."""
+    def faults(store: Path, group: zarr.Group) -> list[str]:
+        found = structure_faults(store, group)
+        if found:
+            return found
+        try:
+            return rows(group)
+        except ValueError as exc:  # a chunk fails its checksum
+            return [f"unreadable: {exc}"]
+    return faults

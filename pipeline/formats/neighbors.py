@@ -15,7 +15,7 @@ import zarr
 
 from pipeline.cache import (Layout, base_attrs, check_fingerprint, create_array, open_group_checked,
                             raise_faults, read_array, structure_faults, validate_attrs)
-from pipeline.formats import StoreFormat
+from pipeline.formats import StoreFormat, structure_then_rows
 
 SCHEMA_NAME = "neighbors.v1"
 SCHEMA_ID = "vlm-distill/neighbors"
@@ -70,17 +70,6 @@ def unwritten_faults(group: zarr.Group) -> list[str]:
     return faults
 
 
-def published_faults(store: Path, group: zarr.Group) -> list[str]:
-    """Cheap checks of a published store: layout, shard files, then fill-value rows."""
-    faults = structure_faults(store, group)
-    if faults:
-        return faults
-    try:
-        return unwritten_faults(group)
-    except ValueError as exc:  # a chunk fails its checksum
-        return [f"unreadable: {exc}"]
-
-
 def open_neighbors(path: str | Path, expect_teacher: str | None = None,
                    expect_dataset: str | None = None) -> dict[str, np.ndarray]:
     """Load a verified neighbour store as ``{array name: array}`` (plus ``attrs``).
@@ -102,4 +91,5 @@ def open_neighbors(path: str | Path, expect_teacher: str | None = None,
     return arrays
 
 
+published_faults = structure_then_rows(unwritten_faults)  # a kept store
 FORMAT = StoreFormat(SCHEMA_NAME, CURRENT_KEYS, create, published_faults, unwritten_faults)

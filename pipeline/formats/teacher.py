@@ -11,9 +11,8 @@ from typing import Any
 
 import zarr
 
-from pipeline.cache import (Layout, TeacherCache, create_teacher_store, structure_faults,
-                            unwritten_rows)
-from pipeline.formats import StoreFormat
+from pipeline.cache import Layout, TeacherCache, create_teacher_store, unwritten_rows
+from pipeline.formats import StoreFormat, structure_then_rows
 
 SCHEMA_NAME = "teacher-cache.v1"
 SCHEMA_VERSION = 1
@@ -42,15 +41,6 @@ def unwritten_faults(group: zarr.Group) -> list[str]:
     return faults
 
 
-def published_faults(store: Path, group: zarr.Group) -> list[str]:
-    """Cheap checks of a published store: fingerprints, layout, shard files, row status."""
-    faults = structure_faults(store, group)
-    if faults:
-        return faults
-    try:
-        return unwritten_faults(group)
-    except ValueError as exc:  # a status chunk fails its checksum
-        return [f"status unreadable: {exc}"]
-
-
+# a kept store: structure, then no row left unwritten
+published_faults = structure_then_rows(unwritten_faults)
 FORMAT = StoreFormat(SCHEMA_NAME, CURRENT_KEYS, create, published_faults, unwritten_faults)
