@@ -163,6 +163,21 @@ def test_deleted_shard_is_caught_on_open_and_by_verify(make_dataset, tiny_teache
         TeacherCache.open(store)
 
 
+def test_current_neighbours_are_kept_and_damaged_ones_rebuilt(tmp_path):
+    random_cache(tmp_path / "caches/tiny/train.zarr", n_img=20, captions=1, dim=8)
+    cfg = NeighborsConfig(teacher="tiny", k=3, cache_root=str(tmp_path / "caches"),
+                          out_root=str(tmp_path / "nn"), rows_per_shard=8)
+    first = run_neighbors(cfg, "tiny", progress=False)
+    store = tmp_path / "nn/tiny/train.zarr"
+    before = tree_digest(store)
+    again = run_neighbors(cfg, "tiny", progress=False)
+    assert again["up_to_date"] and again["units_computed"] == 0 and tree_digest(store) == before
+    (store / "t2t_topk_idx/c/2/0").unlink()
+    rebuilt = run_neighbors(cfg, "tiny", progress=False)
+    assert not rebuilt["up_to_date"] and rebuilt["units_computed"] == first["units_computed"]
+    assert tree_digest(store) == before
+
+
 def test_deleted_neighbour_shard_is_refused(tmp_path):
     random_cache(tmp_path / "caches/tiny/train.zarr", n_img=20, captions=1, dim=8)
     cfg = NeighborsConfig(teacher="tiny", k=3, cache_root=str(tmp_path / "caches"),
