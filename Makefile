@@ -26,3 +26,4 @@ test: venv
 bench: venv
 	$(PY) benchmarks/bench_train_step.py
 	$(PY) benchmarks/bench_teach.py
+	$(PY) benchmarks/bench_teach_scaling.py

@@ -17,6 +17,9 @@ class SampleDecodeError(PipelineError):
         super().__init__(f"shard {shard}, key {key}: image could not be decoded ({reason})")
         self.shard, self.key, self.reason = shard, key, reason
 
+    def __reduce__(self):  # raised in a worker process, re-raised in the driver
+        return (type(self), (self.shard, self.key, self.reason))
+
 
 class CacheError(PipelineError):
     """A cache is missing, corrupt, incomplete or of an unknown schema."""
@@ -31,6 +34,10 @@ class FingerprintMismatchError(CacheError):
         )
         super().__init__(msg + (f"\n  {hint}" if hint else ""))
         self.what, self.expected, self.found = what, expected, found
+        self._args = (what, path, expected, found, hint)
+
+    def __reduce__(self):  # raised in a worker process, re-raised in the driver
+        return (type(self), self._args)
 
 
 class ConfigError(PipelineError):

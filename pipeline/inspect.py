@@ -165,7 +165,7 @@ def _value_faults(name: str, start: int, stop: int, values: np.ndarray) -> list[
 
 def _topk_faults(group: zarr.Group, direction: str) -> list[str]:
     """Neighbour rows read back as fill values (checked together: idx -1 needs sim -inf)."""
-    from pipeline.neighbors import topk_row_faults
+    from pipeline.formats.neighbors import topk_row_faults
 
     idx_arr, sim_arr = group[f"{direction}_topk_idx"], group[f"{direction}_topk_sim"]
     if idx_arr.shape != sim_arr.shape:

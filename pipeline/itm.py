@@ -5,24 +5,18 @@ N×N pairs is out of reach. MCAD (arXiv 2310.19654) distils from it on a short l
 every image, its top-k captions by the dual-stream teacher, read from the neighbour store that
 ``distill neighbors`` built (``i2t_topk_idx``, first k columns; k = 11 as in the paper).
 
-Output, one Zarr v3 group per split at ``<out_root>/<dual>/<split>.zarr`` (schema
-``schemas/itm-scores.v1.json``):
+Output: one Zarr v3 group per split at ``<out_root>/<dual>/<split>.zarr``, in the format of
+:mod:`pipeline.formats.itm` (schema ``schemas/itm-scores.v1.json``).
 
-* ``i2t_cand_idx [N_images, k] int32``: the candidate text rows, in neighbour order (-1: none);
-* ``i2t_cand_itm [N_images, k] float32``: the ITM log-odds of "match" of each (image, candidate),
-  NaN where the index is -1;
-* ``image_status [N_images] uint8``: 1 valid, 2 invalid (an image the dual teacher marked invalid
-  or that cannot be decoded: its row is all -1/NaN), 0 never written (caught on open).
-
-Work is cut into units of one Zarr shard of image rows and resumes like ``teach``: finished
-units are recorded in a scratch directory, the stores are published by a rename once complete,
-and an output already complete for the same teacher, neighbours and dataset is left alone.
+A unit is one Zarr shard of image rows (:class:`ItmWork`); the store runner
+(:mod:`pipeline.runner`) runs units in-process or on Dask, resumes from done markers, publishes
+by a rename once complete, and leaves alone an output already complete (and undamaged) for the
+same teacher, neighbours and dataset.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,21 +27,21 @@ import torch
 import zarr
 
 from pipeline import __version__
-from pipeline.cache import (ROW_INVALID, ROW_VALID, Layout, base_attrs, create_array,
-                            open_group_checked, raise_faults, read_array, row_units,
-                            structure_faults, unwritten_rows, validate_attrs, write_unit)
+from pipeline.cache import ROW_INVALID, ROW_VALID, Layout, base_attrs, open_group_checked, validate_attrs
 from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.data.captions import load_captions
 from pipeline.data.shards import Manifest, iter_samples, load_manifest, make_handler
 from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError
+from pipeline.executors import DaskConfig, ExecutorName, open_executor
 from pipeline.fingerprint import fingerprint
-from pipeline.progress import progress_task
-from pipeline.lock import output_lock
-from pipeline.scratch import ScratchRun, creating, disk_full_errors, recover_replaced
-from pipeline.teach import batched, prefetch
+from pipeline.formats import StoreSpec
+from pipeline.formats import itm as itm_format
+from pipeline.formats.itm import SCHEMA_ID, SCHEMA_NAME, ItmScores, open_itm_scores  # noqa: F401
+from pipeline.runner import (RunResult, StoreJob, Unit, run_store_stage, shard_units,
+                             skipped_attrs, skipped_by_split)
+from pipeline.teach import TeacherEntry, batched, prefetch
+from pipeline.teacher_ref import LiveTeacher, TeacherRef, describe_teacher, teacher_source
 
-SCHEMA_NAME = "itm-scores.v1"
-SCHEMA_ID = "vlm-distill/itm-scores"
 _PREFETCH_BATCHES = 4
 
 
@@ -67,25 +61,12 @@ class ItmConfig:
     device: str = setting("auto", pattern=DEVICE_PATTERN)  # "auto" = cuda when available, else cpu
     rows_per_shard: int = setting(16384, minimum=1)  # image rows per Zarr shard = one unit of work
     summary_dir: str = "reports/itm"        # run summary: <summary_dir>/<dual>.json
+    executor: ExecutorName = "inprocess"    # inprocess | dask (units as tasks of a Dask cluster)
+    dask: DaskConfig = field(default_factory=DaskConfig)  # the cluster, when executor is dask
+    devices: tuple[str, ...] = ()           # Dask: worker i runs its teacher on devices[i % len]
 
     def __post_init__(self) -> None:
         check_settings(self, "itm")
-
-
-@dataclass(frozen=True)
-class ItmScores:
-    """A verified ITM score store of one split, loaded into memory."""
-
-    path: Path
-    cand_idx: np.ndarray          # [N_images, k] int32 text rows; -1 = no candidate
-    cand_itm: np.ndarray          # [N_images, k] float32 ITM log-odds; NaN where cand_idx is -1
-    image_valid: np.ndarray       # [N_images] bool
-    k: int
-    dataset_fingerprint: str
-    neighbors_fingerprint: str
-    single_teacher_fingerprint: str
-    source_teacher_fingerprint: str  # the dual-stream teacher the candidates came from
-    attrs: dict[str, Any] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -188,10 +169,11 @@ def _score_batch(score: Scorer, captions: list[str], idx: np.ndarray, itm: np.nd
 
 
 def score_unit(teacher: Any, manifest: Manifest, captions: list[str], cand: np.ndarray,
-               start: int, stop: int, batch_size: int, advance: Callable
+               start: int, stop: int, batch_size: int
                ) -> tuple[dict[str, np.ndarray], list[dict[str, str]], int]:
-    """ITM scores of the candidates of image rows ``[start, stop)``: (arrays, skipped, pairs)."""
-    idx = cand[start:stop].copy()
+    """ITM scores of the candidates ``cand`` (``[stop - start, k]`` text rows) of image rows
+    ``[start, stop)``: (arrays, skipped, pairs)."""
+    idx = np.array(cand, dtype=np.int32)
     itm = np.full(idx.shape, np.nan, dtype=np.float32)
     ids = np.empty(len(idx), dtype=object)
     undecodable = np.zeros(len(idx), dtype=bool)
@@ -203,7 +185,6 @@ def score_unit(teacher: Any, manifest: Manifest, captions: list[str], cand: np.n
         for i, sid, px in batch:
             ids[i], undecodable[i] = sid, px is None
         pairs += _score_batch(score, captions, idx, itm, batch)
-        advance(len(batch))
     invalid = undecodable | (idx < 0).all(axis=1)
     idx[invalid], itm[invalid] = -1, np.nan
     check_scores(itm, idx, list(ids), f"images [{start}, {stop}) of {manifest.root}")
@@ -222,187 +203,112 @@ def check_scores(itm: np.ndarray, idx: np.ndarray, ids: list[str], where: str) -
 
 
 # ------------------------------------------------------------------------------- the run
-@dataclass
-class ItmRun:
-    """State of one ``itm`` run (what the summary reports)."""
+_CAPTIONS: dict[str, list[str]] = {}  # captions of a split, read once per process
+
+
+def captions_once(manifest: Manifest) -> list[str]:
+    """Every caption of ``manifest``'s split by text row, read once per process."""
+    if manifest.fingerprint not in _CAPTIONS:
+        _CAPTIONS.clear()
+        _CAPTIONS[manifest.fingerprint] = load_captions(manifest)
+    return _CAPTIONS[manifest.fingerprint]
+
+
+@dataclass(frozen=True)
+class ItmWork:
+    """The computation of one itm unit (one shard of image rows): reads the unit's candidates
+    from the neighbour store, the images from the shards, and scores them."""
 
     cfg: ItmConfig
-    dual: str
-    teacher: Any
-    teacher_fp: dict[str, Any]
     manifests: dict[str, Manifest]
-    candidates: dict[str, Candidates]
-    units_computed: int = 0
-    units_resumed: int = 0
-    pairs_scored: int = 0
-    skipped: dict[str, list[dict[str, str]]] = field(default_factory=dict)
+    neighbors: dict[str, str]  # split -> neighbour store (checked by load_candidates)
+    teacher: TeacherRef | LiveTeacher
 
-    @property
-    def out(self) -> Path:
-        return Path(self.cfg.out_root) / self.dual
-
-    def store_attrs(self, split: str) -> dict[str, Any]:
-        """Root attributes of the split's new (still incomplete) store."""
-        manifest, cand = self.manifests[split], self.candidates[split]
-        attrs = base_attrs(SCHEMA_ID) | dict(
-            k=self.cfg.k, split=split, dual=self.dual, n_images=manifest.n_images,
-            n_texts=manifest.n_texts, dataset_fingerprint=manifest.fingerprint,
-            neighbors_fingerprint=cand.fingerprint,
-            source_teacher_fingerprint=cand.source_teacher_fingerprint,
-            single_teacher=self.teacher_fp, single_teacher_fingerprint=fingerprint(self.teacher_fp),
-            rows_per_shard=self.cfg.rows_per_shard, skipped=[],
-            compute=self.teacher.compute_info())  # device/autocast: informational only
-        validate_attrs(attrs, SCHEMA_NAME, f"ITM scores of {cand.path}")
-        return attrs
+    def compute(self, unit: Unit) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        teacher = self.teacher.get()
+        calls = teacher.forward_calls
+        manifest = self.manifests[unit.split]
+        group = zarr.open_group(self.neighbors[unit.split], mode="r", zarr_format=3)
+        cand = group["i2t_topk_idx"][unit.start:unit.stop, :self.cfg.k]
+        arrays, skipped, pairs = score_unit(teacher, manifest, captions_once(manifest), cand,
+                                            unit.start, unit.stop, self.cfg.batch_size)
+        return arrays, {"skipped": skipped, "pairs": pairs,
+                        "forward_calls": teacher.forward_calls - calls}
 
 
-_CURRENT_KEYS = ("single_teacher_fingerprint", "neighbors_fingerprint", "dataset_fingerprint",
-                 "k", "rows_per_shard", "schema_version")
+def store_attrs(cfg: ItmConfig, dual: str, split: str, manifest: Manifest, cand: Candidates,
+                teacher: dict[str, Any]) -> dict[str, Any]:
+    """Root attributes of the split's new (still incomplete) store; ``teacher``: as
+    :func:`pipeline.teacher_ref.describe_teacher` gives it."""
+    attrs = base_attrs(SCHEMA_ID) | dict(
+        k=cfg.k, split=split, dual=dual, n_images=manifest.n_images,
+        n_texts=manifest.n_texts, dataset_fingerprint=manifest.fingerprint,
+        neighbors_fingerprint=cand.fingerprint,
+        source_teacher_fingerprint=cand.source_teacher_fingerprint,
+        single_teacher=teacher["fingerprint"],
+        single_teacher_fingerprint=fingerprint(teacher["fingerprint"]),
+        rows_per_shard=cfg.rows_per_shard, skipped=[],
+        compute=teacher["compute"])  # device/autocast: informational only
+    validate_attrs(attrs, SCHEMA_NAME, f"ITM scores of {cand.path}")
+    return attrs
 
 
-def store_is_current(run: ItmRun) -> bool:
-    """Whether the output already holds complete stores for this teacher, neighbours and data."""
-    for split in run.manifests:
-        store = run.out / f"{split}.zarr"
-        if not (store / "zarr.json").exists():
-            return False
-        attrs = dict(zarr.open_group(str(store), mode="r", zarr_format=3).attrs)
-        expected = run.store_attrs(split)
-        if not attrs.get("complete") or any(attrs.get(k) != expected[k] for k in _CURRENT_KEYS):
-            return False
-        run.skipped[split] = list(attrs.get("skipped", []))
-    return True
+def plan_itm(cfg: ItmConfig, dual: str, source: TeacherRef | LiveTeacher, executor: Any) -> StoreJob:
+    """The itm job: one score store per split, one unit per shard of image rows."""
+    info = executor.call(describe_teacher, source)
+    if not info["has_itm"]:
+        raise PipelineError(
+            f"teacher {info['name']!r} has no image-text matching head "
+            "(score_pairs): itm.single must name a single-stream teacher such as blip_itm")
+    manifests = {s: load_manifest(Path(cfg.dataset).resolve() / s, verify=True) for s in cfg.splits}
+    nn_root = Path(cfg.neighbors_root).resolve() / dual
+    candidates = {s: load_candidates(nn_root / f"{s}.zarr", cfg.k, m, dual) for s, m in manifests.items()}
+    layout = Layout(cfg.rows_per_shard, min(256, cfg.rows_per_shard))
+    stores, units = {}, []
+    for split, m in manifests.items():
+        attrs = store_attrs(cfg, dual, split, m, candidates[split], info)
+        stores[f"{split}.zarr"] = StoreSpec(itm_format.FORMAT, attrs, dict(n_images=m.n_images, layout=layout))
+        units += shard_units(split, "itm", m.n_images, cfg.rows_per_shard)
+    run_fp = fingerprint({"teacher": info["fingerprint"], "k": cfg.k, "rows": cfg.rows_per_shard,
+                          "candidates": {s: c.fingerprint for s, c in candidates.items()},
+                          "package": __version__})
+
+    work = ItmWork(cfg, manifests, {s: str(c.path) for s, c in candidates.items()}, source)
+    return StoreJob(f"itm {dual}", Path(cfg.out_root).resolve() / dual, run_fp, stores, units, work,
+                    skipped_attrs, meta={"teacher": info, "manifests": manifests})
 
 
-def _create_store(path: Path, run: ItmRun, split: str) -> None:
-    n, k = run.manifests[split].n_images, run.cfg.k
-    layout = Layout(run.cfg.rows_per_shard, min(256, run.cfg.rows_per_shard))
-    with creating(path) as tmp:
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        create_array(group, "i2t_cand_idx", (n, k), "int32", layout, -1)
-        create_array(group, "i2t_cand_itm", (n, k), "float32", layout, np.nan)
-        create_array(group, "image_status", (n,), "uint8", layout, 0)
-        group.attrs.update(run.store_attrs(split))
-
-
-def _run_split(run: ItmRun, scratch: ScratchRun, split: str, advance: Callable) -> None:
-    """Score every unfinished unit of one split into its staging store, then mark it complete."""
-    manifest, path = run.manifests[split], scratch.staging / f"{split}.zarr"
-    if not path.exists():
-        _create_store(path, run, split)
-    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    captions: list[str] | None = None
-    for start, stop in row_units(manifest.n_images, run.cfg.rows_per_shard):
-        unit = f"{split}-itm-{start:012d}"
-        if scratch.is_done(unit):
-            run.units_resumed += 1
-            run.skipped.setdefault(split, []).extend(scratch.done_info(unit).get("skipped", []))
-            advance(stop - start)
-            continue
-        captions = captions if captions is not None else load_captions(manifest)
-        arrays, skipped, pairs = score_unit(run.teacher, manifest, captions,
-                                            run.candidates[split].idx, start, stop,
-                                            run.cfg.batch_size, advance)
-        write_unit(group, start, stop, arrays)
-        os.sync()  # the unit's shard files reach the disk before its done marker does
-        scratch.mark_done(unit, {"skipped": skipped})
-        run.skipped.setdefault(split, []).extend(skipped)
-        run.units_computed += 1
-        run.pairs_scored += pairs
-    _finalise_store(group, run, split)
-
-
-def _finalise_store(group: zarr.Group, run: ItmRun, split: str) -> None:
-    missing = unwritten_rows(group["image_status"][:])
-    if missing.size:
-        raise CacheError(f"{group.store}: {missing.size} image rows unwritten after all units "
-                         "finished; the scratch directory is damaged: delete it and rerun")
-    attrs = dict(group.attrs)
-    attrs.update(skipped=sorted(run.skipped.get(split, []), key=lambda s: s["id"]), complete=True)
-    validate_attrs(attrs, SCHEMA_NAME, str(group.store))
-    group.attrs.update(attrs)
-
-
-def run_itm(cfg: ItmConfig, teacher: Any, dual: str | None = None,
-            progress: bool | None = None) -> dict[str, Any]:
+def run_itm(cfg: ItmConfig, teacher: Any = None, dual: str | None = None,
+            progress: bool | None = None, *, entry: TeacherEntry | None = None) -> dict[str, Any]:
     """Score (or resume, or keep) the top-k candidates of every image of ``cfg.splits`` with the
-    single-stream ``teacher``; candidates come from the neighbours of teacher ``dual``
-    (default ``cfg.dual``). Returns the run summary, also written to ``<summary_dir>/<dual>.json``."""
+    single-stream teacher; candidates come from the neighbours of teacher ``dual`` (default
+    ``cfg.dual``). ``teacher``: a built teacher (in-process); ``entry``: its params entry, from
+    which every worker builds its own (required on Dask). Returns the run summary, also written
+    to ``<summary_dir>/<dual>.json``."""
     t0 = time.perf_counter()
     dual = dual or cfg.dual
-    pair_scorer(teacher)  # a teacher without an ITM head fails before any work
-    manifests = {s: load_manifest(Path(cfg.dataset) / s, verify=True) for s in cfg.splits}
-    candidates = {s: load_candidates(Path(cfg.neighbors_root) / dual / f"{s}.zarr", cfg.k, m, dual)
-                  for s, m in manifests.items()}
-    run = ItmRun(cfg, dual, teacher, teacher.fingerprint(), manifests, candidates)
-    calls_before = teacher.forward_calls
-    with output_lock(run.out, f"`distill itm {dual}`"):  # one writer per output
-        recover_replaced(run.out)
-        up_to_date = store_is_current(run)
-        if not up_to_date:
-            _compute(run, progress)
-    return _summary(run, up_to_date, teacher.forward_calls - calls_before, time.perf_counter() - t0)
+    source = teacher_source(cfg, teacher, entry, "itm")
+    with open_executor(cfg.executor, cfg.dask, "itm") as executor:
+        job, result = run_store_stage(Path(cfg.out_root) / dual, f"`distill itm {dual}`",
+                                      lambda: plan_itm(cfg, dual, source, executor), executor, progress)
+    return _summary(cfg, dual, job, result, time.perf_counter() - t0)
 
 
-def _compute(run: ItmRun, progress: bool | None) -> None:
-    """Score every unfinished unit in scratch space, then publish the stores at once."""
-    run.skipped.clear()
-    run_fp = fingerprint({"teacher": run.teacher_fp, "k": run.cfg.k, "rows": run.cfg.rows_per_shard,
-                          "candidates": {s: c.fingerprint for s, c in run.candidates.items()},
-                          "package": __version__})
-    with disk_full_errors(run.out, run.out.parent / ".scratch" / run.out.name):
-        scratch = ScratchRun(run.out, run_fp)
-        total = sum(m.n_images for m in run.manifests.values())
-        with progress_task(f"itm {run.dual}", total, progress) as advance:
-            for split in run.cfg.splits:
-                _run_split(run, scratch, split, advance)
-        scratch.publish()
-
-
-def _summary(run: ItmRun, up_to_date: bool, forward_calls: int, seconds: float) -> dict[str, Any]:
+def _summary(cfg: ItmConfig, dual: str, job: StoreJob, result: RunResult, seconds: float) -> dict[str, Any]:
+    skipped = skipped_by_split(job, result)
+    computed = [result.infos[k] for k in result.computed]
     summary = {
-        "dual": run.dual, "single": run.cfg.single, "k": run.cfg.k,
-        "single_teacher_fingerprint": fingerprint(run.teacher_fp),
-        "up_to_date": up_to_date, "forward_calls": forward_calls,
-        "units_computed": run.units_computed, "units_resumed": run.units_resumed,
-        "rows": {s: m.n_images for s, m in run.manifests.items()},
-        "pairs_scored": run.pairs_scored,
-        "skipped_count": sum(len(v) for v in run.skipped.values()),
-        "skipped": run.skipped, "seconds": round(seconds, 3),
+        "dual": dual, "single": cfg.single, "k": cfg.k,
+        "single_teacher_fingerprint": fingerprint(job.meta["teacher"]["fingerprint"]),
+        "up_to_date": result.up_to_date, "executor": cfg.executor,
+        "forward_calls": sum(i.get("forward_calls", 0) for i in computed),
+        **result.counters(),
+        "rows": {s: m.n_images for s, m in job.meta["manifests"].items()},
+        "pairs_scored": sum(i.get("pairs", 0) for i in computed),
+        "skipped_count": sum(len(v) for v in skipped.values()),
+        "skipped": skipped, "seconds": round(seconds, 3),
     }
-    summary_dir = Path(run.cfg.summary_dir)
+    summary_dir = Path(cfg.summary_dir)
     summary_dir.mkdir(parents=True, exist_ok=True)
-    (summary_dir / f"{run.dual}.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (summary_dir / f"{dual}.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
-
-
-# ------------------------------------------------------------------------------- reading
-def open_itm_scores(path: str | Path, expect_dataset: str | None = None) -> ItmScores:
-    """Open and check one split's ITM score store: schema, completeness, the dataset fingerprint
-    (when ``expect_dataset`` is given) and that no row reads back as fill values."""
-    path = Path(path)
-    group = open_group_checked(path, SCHEMA_NAME)
-    attrs = dict(group.attrs)
-    if expect_dataset is not None and expect_dataset != attrs["dataset_fingerprint"]:
-        raise FingerprintMismatchError("dataset", str(path), expect_dataset, attrs["dataset_fingerprint"],
-                                       "rerun `distill itm` (or `dvc repro`), or point to the right store")
-    raise_faults(path, structure_faults(path, group))  # edited attributes; a lost shard reads as fill
-    idx = read_array(group, "i2t_cand_idx", path).astype(np.int32)
-    itm = read_array(group, "i2t_cand_itm", path).astype(np.float32)
-    status = read_array(group, "image_status", path)
-    _check_rows(path, idx, itm, status)
-    return ItmScores(path, idx, itm, status == ROW_VALID, int(attrs["k"]),
-                     attrs["dataset_fingerprint"], attrs["neighbors_fingerprint"],
-                     attrs["single_teacher_fingerprint"], attrs["source_teacher_fingerprint"], attrs)
-
-
-def _check_rows(path: Path, idx: np.ndarray, itm: np.ndarray, status: np.ndarray) -> None:
-    """A lost shard file reads back as fill values (status 0, index -1, score NaN): refuse it."""
-    has = idx >= 0
-    bad = (status == 0) | ((status == ROW_VALID) & ((has != np.isfinite(itm)).any(axis=1) | ~has.any(axis=1)))
-    rows = np.flatnonzero(bad)
-    if rows.size:
-        raise CacheError(
-            f"{path}: {rows.size} image rows were never written or read back as fill values (first "
-            f"rows {rows[:5].tolist()}): a shard file is missing or the run did not finish; restore "
-            "the store with `dvc checkout`/`dvc pull` or rebuild it with `distill itm`")

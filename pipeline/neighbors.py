@@ -2,31 +2,30 @@
 
 For each split and each direction the teacher supports (image→text ``i2t``, text→image ``t2i``,
 image→image ``i2i``, text→text ``t2t``) it stores ``{dir}_topk_idx [N, k] int32`` and
-``{dir}_topk_sim [N, k] float16``, sorted by descending similarity, ties to the lower row.
-Single-modal directions leave the query itself out. Invalid rows are never returned as
-neighbours; an invalid query row gets ``-1`` indices. Rows are computed in units of one Zarr
-shard of queries, with memory bounded by the top-k's blocks, and resume like ``teach`` (one
-writer per output, held by :func:`pipeline.lock.output_lock`).
+``{dir}_topk_sim [N, k] float16``, sorted by descending similarity, ties to the lower row
+(format: :mod:`pipeline.formats.neighbors`). Single-modal directions leave the query itself out.
+Invalid rows are never returned as neighbours; an invalid query row gets ``-1`` indices. A unit
+is one Zarr shard of query rows of one direction, with memory bounded by the top-k's blocks; the
+store runner (:mod:`pipeline.runner`) runs units in-process or on Dask, resumes, keeps a current
+output, and publishes.
 """
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
-import zarr
 
-from pipeline.cache import (Layout, TeacherCache, base_attrs, check_fingerprint, create_array,
-                            open_group_checked, raise_faults, read_array, row_units,
-                            structure_faults, validate_attrs, write_unit)
+from pipeline.cache import Layout, TeacherCache
 from pipeline.config import check_settings, setting
+from pipeline.executors import DaskConfig, ExecutorName, check_executor, open_executor
 from pipeline.fingerprint import fingerprint
-from pipeline.lock import output_lock
-from pipeline.progress import progress_task
-from pipeline.scratch import ScratchRun, creating, disk_full_errors, recover_replaced
+from pipeline.formats import StoreSpec
+from pipeline.formats import neighbors as neighbors_format
+from pipeline.formats.neighbors import open_neighbors, topk_row_faults  # noqa: F401  (re-exported)
+from pipeline.runner import StoreJob, Unit, run_store_stage, shard_units
 
 DIRECTIONS = {"i2t": ("image", "text"), "t2i": ("text", "image"),
               "i2i": ("image", "image"), "t2t": ("text", "text")}
@@ -45,6 +44,8 @@ class NeighborsConfig:
     out_root: str = "caches/neighbors"                     # output: <out_root>/<name>/<split>.zarr
     block_rows: int = setting(4096, minimum=1)             # top-k block size (bounds memory)
     rows_per_shard: int = setting(16384, minimum=1)        # query rows per Zarr shard = unit of work
+    executor: ExecutorName = "inprocess"                   # inprocess | dask (units as Dask tasks)
+    dask: DaskConfig = field(default_factory=DaskConfig)   # the cluster, when executor is dask
 
     def __post_init__(self) -> None:
         check_settings(self, "neighbors")
@@ -85,102 +86,66 @@ def _drop_self(idx: np.ndarray, sim: np.ndarray, self_rows: np.ndarray, k: int):
     return idx[keep].reshape(-1, k), sim[keep].reshape(-1, k)
 
 
-def _build_split(cache: TeacherCache, cfg: NeighborsConfig, scratch: ScratchRun, split: str,
-                 directions: list[str], advance: Callable) -> None:
-    path = scratch.staging / f"{split}.zarr"
+_OPEN: dict[tuple[str, str, str], TeacherCache] = {}  # teacher caches read in this process
+
+
+def open_cache_once(path: Path, teacher_fp: str, dataset_fp: str) -> TeacherCache:
+    """The teacher cache at ``path``, read once per process (a Dask worker serves many units)."""
+    key = (str(path), teacher_fp, dataset_fp)
+    if key not in _OPEN:
+        _OPEN.clear()  # one source store at a time: bounded memory
+        _OPEN[key] = TeacherCache.open(path, expect_dataset=dataset_fp, expect_teacher=teacher_fp)
+    return _OPEN[key]
+
+
+@dataclass(frozen=True)
+class NeighborsWork:
+    """The computation of one neighbours unit (one shard of query rows of one direction)."""
+
+    cfg: NeighborsConfig
+    sources: dict[str, tuple[str, str, str]]  # split -> (cache path, teacher fp, dataset fp)
+
+    def compute(self, unit: Unit) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        path, teacher_fp, dataset_fp = self.sources[unit.split]
+        cache = open_cache_once(Path(path), teacher_fp, dataset_fp)
+        idx, sim = topk_unit(cache, unit.part, unit.start, unit.stop, self.cfg.k, self.cfg.block_rows)
+        return {f"{unit.part}_topk_idx": idx, f"{unit.part}_topk_sim": sim.astype(np.float16)}, {}
+
+
+def plan_neighbors(cfg: NeighborsConfig, name: str) -> StoreJob:
+    """The neighbours job: one store per split, units per direction and shard of query rows."""
+    root = Path(cfg.cache_root).resolve() / name
+    caches = {s: TeacherCache.open(root / f"{s}.zarr") for s in cfg.splits}
+    plan = {s: supported_directions(cfg, c) for s, c in caches.items()}
     layout = Layout(cfg.rows_per_shard, min(256, cfg.rows_per_shard))
-    if not path.exists():
-        with creating(path) as tmp:
-            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            for d in directions:
-                n = len(getattr(cache, f"{DIRECTIONS[d][0]}_emb"))
-                create_array(group, f"{d}_topk_idx", (n, cfg.k), "int32", layout, -1)
-                create_array(group, f"{d}_topk_sim", (n, cfg.k), "float16", layout, np.nan)
-            group.attrs.update(_attrs(cache, cfg, split, directions))
-    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    for d in directions:
-        n = group[f"{d}_topk_idx"].shape[0]
-        for start, stop in row_units(n, cfg.rows_per_shard):
-            unit = f"{split}-{d}-{start:012d}"
-            if not scratch.is_done(unit):
-                idx, sim = topk_unit(cache, d, start, stop, cfg.k, cfg.block_rows)
-                write_unit(group, start, stop, {f"{d}_topk_idx": idx,
-                                                f"{d}_topk_sim": sim.astype(np.float16)})
-                os.sync()  # data on disk before the done marker
-                scratch.mark_done(unit)
-            advance(stop - start)
-    attrs = dict(group.attrs) | {"complete": True}
-    validate_attrs(attrs, "neighbors.v1", str(path))
-    group.attrs.update(attrs)
-
-
-def _attrs(cache: TeacherCache, cfg: NeighborsConfig, split: str, directions: list[str]) -> dict[str, Any]:
-    attrs = base_attrs("vlm-distill/neighbors")
-    attrs.update(k=cfg.k, directions=directions, source_teacher_fingerprint=cache.teacher_fingerprint,
-                 dataset_fingerprint=cache.dataset_fingerprint, split=split)
-    validate_attrs(attrs, "neighbors.v1", f"neighbours of {cache.path}")
-    return attrs
+    stores, units, sources = {}, [], {}
+    for split, cache in caches.items():
+        _OPEN[(str(cache.path), cache.teacher_fingerprint, cache.dataset_fingerprint)] = cache
+        sources[split] = (str(cache.path), cache.teacher_fingerprint, cache.dataset_fingerprint)
+        rows = {d: len(getattr(cache, f"{DIRECTIONS[d][0]}_emb")) for d in plan[split]}
+        attrs = neighbors_format.store_attrs(cfg.k, plan[split], cache.teacher_fingerprint,
+                                             cache.dataset_fingerprint, split,
+                                             f"neighbours of {cache.path}")
+        stores[f"{split}.zarr"] = StoreSpec(neighbors_format.FORMAT, attrs,
+                                            dict(rows=rows, layout=layout))
+        for d in plan[split]:
+            units += shard_units(split, d, rows[d], cfg.rows_per_shard)
+    run_fp = fingerprint({"k": cfg.k, "plan": plan, "rows": cfg.rows_per_shard,
+                          "sources": {s: [c.teacher_fingerprint, c.dataset_fingerprint]
+                                      for s, c in caches.items()}})
+    return StoreJob(f"neighbors {name}", Path(cfg.out_root).resolve() / name, run_fp, stores, units,
+                    NeighborsWork(cfg, sources), meta={"directions": plan})
 
 
 def run_neighbors(cfg: NeighborsConfig, name: str, progress: bool | None = None) -> dict[str, Any]:
-    """Compute the neighbour stores of teacher ``name``'s caches; returns a summary.
-
-    Holds the output's lock throughout; a concurrent run on the same output is refused.
+    """Compute (or resume, or keep) the neighbour stores of teacher ``name``'s caches; returns a
+    summary. Holds the output's lock throughout; a concurrent run on the same output is refused.
     """
     t0 = time.perf_counter()
-    out = Path(cfg.out_root) / name
-    with output_lock(out, f"`distill neighbors {name}`"):
-        recover_replaced(out)
-        caches = {s: TeacherCache.open(Path(cfg.cache_root) / name / f"{s}.zarr") for s in cfg.splits}
-        plan = {s: supported_directions(cfg, c) for s, c in caches.items()}
-        run_fp = fingerprint({"k": cfg.k, "plan": plan, "rows": cfg.rows_per_shard,
-                              "sources": {s: [c.teacher_fingerprint, c.dataset_fingerprint]
-                                          for s, c in caches.items()}})
-        total = sum(len(getattr(c, f"{DIRECTIONS[d][0]}_emb")) for s, c in caches.items()
-                    for d in plan[s])
-        with disk_full_errors(out, out.parent / ".scratch" / out.name):
-            scratch = ScratchRun(out, run_fp)
-            with progress_task(f"neighbors {name}", total, progress) as advance:
-                for split, cache in caches.items():
-                    _build_split(cache, cfg, scratch, split, plan[split], advance)
-            scratch.publish()
-    return {"teacher": name, "k": cfg.k, "directions": plan,
+    check_executor(cfg.executor, cfg.dask, "neighbors")
+    with open_executor(cfg.executor, cfg.dask, "neighbors") as executor:
+        job, result = run_store_stage(Path(cfg.out_root) / name, f"`distill neighbors {name}`",
+                                      lambda: plan_neighbors(cfg, name), executor, progress)
+    return {"teacher": name, "k": cfg.k, "directions": job.meta["directions"], "up_to_date": result.up_to_date,
+            "executor": cfg.executor, **result.counters(),
             "seconds": round(time.perf_counter() - t0, 3)}
-
-
-def open_neighbors(path: str | Path, expect_teacher: str | None = None,
-                   expect_dataset: str | None = None) -> dict[str, np.ndarray]:
-    """Load a verified neighbour store as ``{array name: array}`` (plus ``attrs``).
-
-    Runs the cheap checks of ``distill cache verify``: schema, completeness, the expected source
-    teacher and dataset fingerprints (when given), array layout, every shard file present, every
-    chunk's checksum (all arrays are read), and no row read back as fill values.
-    """
-    path = Path(path)
-    group = open_group_checked(path, "neighbors.v1")
-    attrs = dict(group.attrs)
-    hint = "rebuild it with `distill neighbors` (or `dvc repro`) from the cache you use"
-    check_fingerprint("source teacher", path, expect_teacher, attrs["source_teacher_fingerprint"], hint)
-    check_fingerprint("dataset", path, expect_dataset, attrs["dataset_fingerprint"], hint)
-    raise_faults(path, structure_faults(path, group))
-    arrays: dict[str, Any] = {name: read_array(group, name, path) for name in group.array_keys()}
-    raise_faults(path, [f for d in attrs["directions"] for f in topk_row_faults(arrays, d)])
-    arrays["attrs"] = attrs
-    return arrays
-
-
-def topk_row_faults(arrays: dict[str, np.ndarray], direction: str, offset: int = 0) -> list[str]:
-    """Rows of one direction that read back as fill values: a NaN similarity (the fill value),
-    or an index of -1 (its fill value) where the similarity is not -inf (the only legitimate
-    -1 is an empty neighbour slot, whose similarity is -inf). ``offset``: row of ``arrays[0]``."""
-    idx, sim = arrays[f"{direction}_topk_idx"], arrays[f"{direction}_topk_sim"]
-    faults = []
-    nan = np.flatnonzero(np.isnan(sim).any(axis=1))
-    if nan.size:
-        faults.append(f"{direction}_topk_sim: {nan.size} rows hold fill values (first row "
-                      f"{offset + int(nan[0])}): a shard file is missing or was not written")
-    lost = np.flatnonzero(((idx == -1) & ~np.isneginf(sim) & ~np.isnan(sim)).any(axis=1))
-    if lost.size:
-        faults.append(f"{direction}_topk_idx: {lost.size} rows hold fill values (first row "
-                      f"{offset + int(lost[0])}): a shard file is missing or was not written")
-    return faults

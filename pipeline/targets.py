@@ -157,7 +157,7 @@ def _add_neighbors(targets: TeacherTargets, sources: TargetSources, manifest: Ma
     """Attach the cross-modal teacher's top-k neighbours (candidates, sampler)."""
     if sources.neighbors is None:
         return
-    from pipeline.neighbors import open_neighbors
+    from pipeline.formats.neighbors import open_neighbors
 
     cross = targets.sources.get("image_emb")
     store = open_neighbors(sources.neighbors, expect_dataset=manifest.fingerprint,
@@ -174,7 +174,7 @@ def _add_itm(targets: TeacherTargets, sources: TargetSources, manifest: Manifest
     """Attach the single-stream teacher's scores of each image's first candidates (MCAD)."""
     if sources.itm_scores is None:
         return
-    from pipeline.itm import open_itm_scores
+    from pipeline.formats.itm import open_itm_scores
 
     scores = open_itm_scores(sources.itm_scores, expect_dataset=manifest.fingerprint)
     topk = targets.topk.get("i2t_topk_idx")

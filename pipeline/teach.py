@@ -1,17 +1,18 @@
 """Stage 1 (``teach``): run one frozen teacher over a dataset's splits into Zarr caches.
 
-Work is cut into units of one Zarr shard of rows each (``rows_per_shard`` images, or texts). A
-unit is computed, checked (finite values), written as whole shards and then recorded as done in
-the scratch directory, so a rerun after an interruption computes only the unfinished units. When
-every unit of every split is done, the stores are marked complete and moved into the output by a
-rename. An output that is already complete for the same teacher, dataset and settings (and not
-damaged) is left alone: a teacher pass is never paid for twice. One run at a time writes an
-output: the run holds :func:`pipeline.lock.output_lock` on it from start to publish.
+Work is cut into units of one Zarr shard of rows each (``rows_per_shard`` images, or texts); a
+unit is computed by :class:`TeachWork` (read, decode, preprocess, teacher forward, finite check)
+and run by the store runner (:mod:`pipeline.runner`): in this process or on Dask workers, resumed
+from done markers after an interruption, published by a rename when every unit is done, and left
+alone when the output is already complete for the same teacher, dataset and settings (and not
+damaged): a teacher pass is never paid for twice. The store format is
+:mod:`pipeline.formats.teacher`.
 """
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import queue
 import threading
@@ -24,20 +25,19 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 import torch
-import zarr
 
 from pipeline import __version__
-from pipeline.cache import (ROW_INVALID, ROW_VALID, Layout, create_teacher_store, row_units,
-                            structure_faults, teacher_store_attrs, unwritten_rows, validate_attrs,
-                            write_unit)
+from pipeline.cache import ROW_INVALID, ROW_VALID, Layout, teacher_store_attrs
 from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.data.shards import Manifest, iter_samples, load_manifest, make_handler
-from pipeline.errors import CacheError, ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.executors import DaskConfig, ExecutorName, check_executor, open_executor
 from pipeline.fingerprint import fingerprint
-from pipeline.lock import output_lock
-from pipeline.progress import progress_task
-from pipeline.scratch import (ScratchRun, creating, discard_scratch, disk_full_errors,
-                              recover_replaced)
+from pipeline.formats import StoreSpec
+from pipeline.formats import teacher as teacher_format
+from pipeline.runner import (RunResult, StoreJob, Unit, run_store_stage, shard_units,
+                             skipped_attrs, skipped_by_split)
+from pipeline.teacher_ref import LiveTeacher, TeacherRef, describe_teacher, teacher_source
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,14 @@ class TeachConfig:
     preprocess_workers: int | None = setting(None, minimum=0)  # threads resizing/normalising images; None = auto
                                            # (none on CPU, where the teacher needs the cores;
                                            # min(8, cores) when the teacher is on a GPU)
+    decode_workers: int | None = setting(None, minimum=0)  # processes reading + decoding + preprocessing images
+                                           # apart from the forward (a torch DataLoader per unit);
+                                           # None = auto (0 on CPU, min(4, cores) with a GPU)
     summary_dir: str = "reports/teach"     # per-teacher run summary (forward passes, skips)
+    executor: ExecutorName = "inprocess"   # inprocess | dask (units as tasks of a Dask cluster)
+    dask: DaskConfig = field(default_factory=DaskConfig)  # the cluster, when executor is dask
+    devices: tuple[str, ...] = ()          # Dask: worker i runs its teacher on devices[i % len]
+                                           # (e.g. [cuda:0, cuda:1]); empty = `device` everywhere
 
     def __post_init__(self) -> None:
         check_settings(self, "teach")
@@ -179,18 +186,72 @@ def _pixel_batches(teacher: Any, manifest: Manifest, start: int, stop: int, cfg:
         yield [(row - start, s.sample_id, px) for (row, s), px in zip(batch, pixels)]
 
 
+class _DecodedBatches(torch.utils.data.Dataset):
+    """Batch ``i`` of a unit's images, read, decoded and preprocessed in a DataLoader worker
+    process: a list of (unit-relative row, sample id, pixels or None, decode error or None).
+    A shard error is returned, not raised, and raised again in the unit's process (the
+    DataLoader would re-raise it as a bare RuntimeError)."""
+
+    def __init__(self, teacher: Any, manifest: Manifest, start: int, bounds: list[tuple[int, int]],
+                 on_bad_image: str) -> None:
+        self.teacher, self.manifest, self.start = teacher, manifest, start
+        self.bounds, self.on_bad_image = bounds, on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+    def __getitem__(self, i: int) -> Any:
+        lo, hi = self.bounds[i]
+        has_image = "image" in self.teacher.modalities
+        try:
+            samples = iter_samples(self.manifest, decode_images=has_image, start=lo, stop=hi,
+                                   handler=make_handler(self.on_bad_image))
+            return [(row - self.start, s.sample_id,
+                     None if s.image is None else self.teacher.preprocess(s.image), s.error)
+                    for row, s in enumerate(samples, lo)]
+        except PipelineError as exc:
+            return exc
+
+
+def _unbatched(item: Any) -> Any:
+    return item
+
+
+def _loader_batches(teacher: Any, manifest: Manifest, start: int, stop: int, cfg: TeachConfig,
+                    skipped: list[dict[str, str]], workers: int
+                    ) -> Iterator[list[tuple[int, str, torch.Tensor | None]]]:
+    """Like :func:`_pixel_batches`, with reading, decoding and preprocessing in ``workers``
+    processes (a torch DataLoader), so they never take turns with the teacher forward."""
+    bounds = [(lo, min(lo + cfg.batch_size, stop)) for lo in range(start, stop, cfg.batch_size)]
+    loader = torch.utils.data.DataLoader(
+        _DecodedBatches(teacher, manifest, start, bounds, cfg.on_bad_image), batch_size=None,
+        num_workers=workers, collate_fn=_unbatched, prefetch_factor=max(1, cfg.prefetch_batches))
+    for batch in loader:
+        if isinstance(batch, BaseException):
+            raise batch
+        skipped.extend({"id": sid, "reason": err} for _, sid, _, err in batch if err is not None)
+        yield [(i, sid, px) for i, sid, px, _ in batch]
+
+
 def compute_image_unit(teacher: Any, manifest: Manifest, start: int, stop: int, cfg: TeachConfig,
-                       advance: Callable, pool: ThreadPoolExecutor | None = None
+                       pool: ThreadPoolExecutor | None = None, decode_workers: int = 0
                        ) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
-    """Embed images ``[start, stop)``; undecodable ones are listed, marked invalid, left zero."""
+    """Embed images ``[start, stop)``; undecodable ones are listed, marked invalid, left zero.
+
+    Images are read and preprocessed in ``decode_workers`` processes when > 0, else in a
+    prefetch thread (preprocessing on ``pool``'s threads when given)."""
     skipped: list[dict[str, str]] = []
     has_image = "image" in teacher.modalities
     n = stop - start
     ids = np.empty(n, dtype=object)
     status = np.full(n, ROW_VALID, dtype=np.uint8)
     emb = np.zeros((n, teacher.embed_dim), dtype=np.float32) if has_image else None
-    batches = _pixel_batches(teacher, manifest, start, stop, cfg, skipped, pool)
-    for batch in prefetch(batches, cfg.prefetch_batches):
+    if decode_workers > 0:
+        batches = _loader_batches(teacher, manifest, start, stop, cfg, skipped, decode_workers)
+    else:
+        batches = prefetch(_pixel_batches(teacher, manifest, start, stop, cfg, skipped, pool),
+                           cfg.prefetch_batches)
+    for batch in batches:
         for i, sid, px in batch:
             ids[i] = sid
             if has_image and px is None:
@@ -199,7 +260,6 @@ def compute_image_unit(teacher: Any, manifest: Manifest, start: int, stop: int, 
         if has_image and good:
             out = teacher.encode_images(torch.stack([px for _, px in good]))
             emb[[i for i, _ in good]] = out.float().cpu().numpy()
-        advance(len(batch))
     arrays: dict[str, np.ndarray] = {"image_id": ids.astype(str), "image_status": status}
     if emb is not None:
         arrays["image_emb"] = emb.astype(np.float16)
@@ -224,7 +284,7 @@ def _text_rows(manifest: Manifest, start: int, stop: int) -> Iterator[tuple[int,
 
 
 def compute_text_unit(teacher: Any, manifest: Manifest, start: int, stop: int,
-                      cfg: TeachConfig, advance: Callable) -> dict[str, np.ndarray]:
+                      cfg: TeachConfig) -> dict[str, np.ndarray]:
     """Embed captions ``[start, stop)`` and record each caption's image row."""
     has_text = "text" in teacher.modalities
     n = stop - start
@@ -237,7 +297,6 @@ def compute_text_unit(teacher: Any, manifest: Manifest, start: int, stop: int,
         to_image[rows] = [i for _, i, _, _ in batch]
         if has_text:
             emb[rows] = teacher.encode_texts([cap for *_, cap in batch]).float().cpu().numpy()
-        advance(len(batch))
     arrays = {"text_id": ids.astype(str), "text_to_image": to_image,
               "text_status": np.full(n, ROW_VALID, dtype=np.uint8)}
     if emb is not None:
@@ -246,173 +305,30 @@ def compute_text_unit(teacher: Any, manifest: Manifest, start: int, stop: int,
     return arrays
 
 
-@dataclass
-class TeachRun:
-    """State of one ``teach`` run over one teacher (what the summary reports)."""
-
-    name: str
-    teacher: Any
-    cfg: TeachConfig
-    manifests: dict[str, Manifest]
-    teacher_fp: dict[str, Any]
-    pool: ThreadPoolExecutor | None = None  # image preprocessing threads, if any
-    units_computed: int = 0
-    units_resumed: int = 0
-    skipped: dict[str, list[dict[str, str]]] = field(default_factory=dict)
-
-    @property
-    def out(self) -> Path:
-        return Path(self.cfg.out_root) / self.name
-
-    def store_attrs(self, split: str) -> dict[str, Any]:
-        manifest, teacher = self.manifests[split], self.teacher
-        return teacher_store_attrs(
-            self.teacher_fp, manifest.fingerprint, split, teacher.modalities, teacher.embed_dim,
-            teacher.logit_scale, manifest.n_images, manifest.n_texts, self.layout,
-            compute=teacher.compute_info(),  # device/autocast: informational only
-            on_bad_image=self.cfg.on_bad_image,  # a `skip` store may hold invalid rows
-        )
-
-    @property
-    def layout(self) -> Layout:
-        return Layout(self.cfg.rows_per_shard, self.cfg.rows_per_chunk)
-
-
-# Attributes a kept store must share with the run: what changes the stored arrays.
-CURRENT_KEYS = ("schema", "schema_version", "teacher_fingerprint", "dataset_fingerprint",
-                "rows_per_shard", "on_bad_image")
-
-
-def cache_is_current(out: Path, run: TeachRun) -> bool:
-    """Whether ``out`` already holds complete, undamaged stores for this teacher, dataset and
-    settings (including ``on_bad_image``: a `skip` store may hold rows `strict` would refuse)."""
-    for split in run.manifests:
-        store = out / f"{split}.zarr"
-        if not (store / "zarr.json").exists():
-            return False
-        group = zarr.open_group(str(store), mode="r", zarr_format=3)
-        attrs = dict(group.attrs)
-        run.skipped[split] = list(attrs.get("skipped", []))
-        expected = run.store_attrs(split)
-        if not attrs.get("complete") or any(attrs.get(k) != expected[k] for k in CURRENT_KEYS):
-            return False
-        faults = _published_faults(store, group)
-        if faults:
-            log.warning("%s is damaged (%s); rebuilding it", store, "; ".join(faults[:3]))
-            return False
-    return True
-
-
-def _published_faults(store: Path, group: zarr.Group) -> list[str]:
-    """Cheap checks of a published store (shard files, layout, row status)."""
-    faults = structure_faults(store, group)
-    if not faults:
-        for kind in ("image", "text"):
-            try:
-                missing = unwritten_rows(group[f"{kind}_status"][:])
-            except ValueError as exc:  # checksum mismatch
-                faults.append(f"{kind}_status unreadable: {exc}")
-                continue
-            if missing.size:
-                faults.append(f"{missing.size} {kind} rows unwritten")
-    return faults
-
-
-def _run_split(run: TeachRun, scratch: ScratchRun, split: str, advance: Callable) -> None:
-    """Compute every unfinished unit of one split into its staging store."""
-    manifest = run.manifests[split]
-    path = scratch.staging / f"{split}.zarr"
-    if not path.exists():
-        with creating(path) as tmp:
-            create_teacher_store(tmp, n_images=manifest.n_images, n_texts=manifest.n_texts,
-                                 embed_dim=int(run.teacher.embed_dim), modalities=run.teacher.modalities,
-                                 attrs=run.store_attrs(split), layout=run.layout)
-    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-    for kind, n_rows in (("image", manifest.n_images), ("text", manifest.n_texts)):
-        for start, stop in row_units(n_rows, run.cfg.rows_per_shard):
-            unit = f"{split}-{kind}-{start:012d}"
-            if scratch.is_done(unit):
-                run.units_resumed += 1
-                run.skipped.setdefault(split, []).extend(scratch.done_info(unit).get("skipped", []))
-                advance(stop - start)
-                continue
-            skipped: list[dict[str, str]] = []
-            if kind == "image":
-                arrays, skipped = compute_image_unit(run.teacher, manifest, start, stop, run.cfg,
-                                                     advance, run.pool)
-            else:
-                arrays = compute_text_unit(run.teacher, manifest, start, stop, run.cfg, advance)
-            write_unit(group, start, stop, arrays)
-            os.sync()  # the unit's shard files reach the disk before its done marker does
-            scratch.mark_done(unit, {"skipped": skipped})
-            run.skipped.setdefault(split, []).extend(skipped)
-            run.units_computed += 1
-    _finalise_store(group, run, split)
-
-
-def _finalise_store(group: zarr.Group, run: TeachRun, split: str) -> None:
-    """Check every row was written, then record skips and mark the store complete."""
-    for kind in ("image", "text"):
-        missing = unwritten_rows(group[f"{kind}_status"][:])
-        if missing.size:
-            raise CacheError(f"{group.store}: {missing.size} {kind} rows unwritten "
-                             "after all units finished; the scratch directory is damaged: delete it and rerun")
-    attrs = dict(group.attrs)
-    attrs.update(skipped=sorted(run.skipped.get(split, []), key=lambda s: s["id"]), complete=True)
-    validate_attrs(attrs, "teacher-cache.v1", str(group.store))
-    group.attrs.update(attrs)
-
-
-def run_teach(cfg: TeachConfig, name: str, teacher: Any, progress: bool | None = None) -> dict[str, Any]:
-    """Build (or resume, or keep) the caches of teacher ``name``; returns the run summary.
-
-    Holds the output's lock throughout (a concurrent run on the same output is refused), first
-    repairs a publish that an earlier run left half-done, and keeps a current output as it is.
-    """
-    t0 = time.perf_counter()
-    out = Path(cfg.out_root) / name
-    with output_lock(out, f"`distill teach {name}`"):
-        recover_replaced(out)
-        root = Path(cfg.dataset)
-        manifests = {split: load_manifest(root / split, verify=True) for split in cfg.splits}
-        run = TeachRun(name, teacher, cfg, manifests, teacher.fingerprint())
-        calls_before = teacher.forward_calls
-        up_to_date = cache_is_current(run.out, run)
-        if up_to_date:
-            discard_scratch(run.out)  # left by a run killed right after it published
-        else:
-            _compute_and_publish(run, progress)
-        return _summary(run, up_to_date, teacher.forward_calls - calls_before,
-                        time.perf_counter() - t0)
-
-
-def _compute_and_publish(run: TeachRun, progress: bool | None) -> None:
-    """Compute every unfinished unit in the scratch directory, then publish the stores."""
-    cfg, manifests = run.cfg, run.manifests
-    run.skipped.clear()
-    run_fp = fingerprint({
-        "teacher": run.teacher_fp, "layout": [cfg.rows_per_shard, cfg.rows_per_chunk],
-        "on_bad_image": cfg.on_bad_image,
-        "datasets": {s: m.fingerprint for s, m in manifests.items()},
-        "package": __version__,
-    })
-    with disk_full_errors(run.out, run.out.parent / ".scratch" / run.out.name):
-        scratch = ScratchRun(run.out, run_fp)
-        total = sum(m.n_images + m.n_texts for m in manifests.values())
-        workers = preprocess_workers(cfg, run.teacher)
-        with ThreadPoolExecutor(workers) if workers else _no_pool() as run.pool, \
-                progress_task(f"teach {run.name}", total, progress) as advance:
-            for split in cfg.splits:
-                _run_split(run, scratch, split, advance)
-        scratch.publish()
-
 
 def preprocess_workers(cfg: TeachConfig, teacher: Any) -> int:
     """Threads for image preprocessing: the configured number, else 0 on CPU, some on a GPU."""
     if cfg.preprocess_workers is not None:
         return cfg.preprocess_workers
-    on_gpu = "image" in teacher.modalities and getattr(teacher, "device", torch.device("cpu")).type != "cpu"
-    return min(8, os.cpu_count() or 1) if on_gpu else 0
+    return min(8, os.cpu_count() or 1) if _images_on_gpu(teacher) else 0
+
+
+def decode_workers(cfg: TeachConfig, teacher: Any) -> int:
+    """Processes reading and preprocessing images: the configured number, else 0 on CPU (the
+    teacher needs the cores) and min(4, cores) with a GPU. A daemonic process (a Dask worker
+    started without ``distributed.worker.daemon: false``) cannot start them: it decodes itself."""
+    workers = cfg.decode_workers
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1) if _images_on_gpu(teacher) else 0
+    if workers and multiprocessing.current_process().daemon:
+        log.warning("teach.decode_workers=%d ignored: this process is daemonic (start Dask workers "
+                    "with DASK_DISTRIBUTED__WORKER__DAEMON=False)", workers)
+        return 0
+    return workers
+
+
+def _images_on_gpu(teacher: Any) -> bool:
+    return "image" in teacher.modalities and getattr(teacher, "device", torch.device("cpu")).type != "cpu"
 
 
 @contextmanager
@@ -420,17 +336,95 @@ def _no_pool() -> Iterator[None]:
     yield None
 
 
-def _summary(run: TeachRun, up_to_date: bool, forward_calls: int, seconds: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TeachWork:
+    """The computation of one teach unit: a pure function of the settings and the unit."""
+
+    cfg: TeachConfig
+    manifests: dict[str, Manifest]
+    teacher: TeacherRef | LiveTeacher
+
+    def compute(self, unit: Unit) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The unit's arrays, and its info: skipped samples and teacher forward passes."""
+        teacher = self.teacher.get()
+        calls = teacher.forward_calls
+        manifest = self.manifests[unit.split]
+        skipped: list[dict[str, str]] = []
+        if unit.part == "image":
+            processes = decode_workers(self.cfg, teacher)
+            threads = 0 if processes else preprocess_workers(self.cfg, teacher)
+            with ThreadPoolExecutor(threads) if threads else _no_pool() as pool:
+                arrays, skipped = compute_image_unit(teacher, manifest, unit.start, unit.stop,
+                                                     self.cfg, pool, processes)
+        else:
+            arrays = compute_text_unit(teacher, manifest, unit.start, unit.stop, self.cfg)
+        return arrays, {"skipped": skipped, "forward_calls": teacher.forward_calls - calls}
+
+
+def plan_teach(cfg: TeachConfig, name: str, source: TeacherRef | LiveTeacher, executor: Any) -> StoreJob:
+    """The teach job: one teacher store per split, image units then text units of each split."""
+    manifests = {split: load_manifest(Path(cfg.dataset).resolve() / split, verify=True)
+                 for split in cfg.splits}
+    info = executor.call(describe_teacher, source)  # on a worker under Dask: no model here
+    layout = Layout(cfg.rows_per_shard, cfg.rows_per_chunk)
+    modalities = frozenset(info["modalities"])
+    stores, units = {}, []
+    for split, m in manifests.items():
+        attrs = teacher_store_attrs(
+            info["fingerprint"], m.fingerprint, split, modalities, info["embed_dim"],
+            info["logit_scale"], m.n_images, m.n_texts, layout,
+            compute=info["compute"],             # device/autocast: informational only
+            on_bad_image=cfg.on_bad_image)       # a `skip` store may hold invalid rows
+        stores[f"{split}.zarr"] = StoreSpec(teacher_format.FORMAT, attrs, dict(
+            n_images=m.n_images, n_texts=m.n_texts, embed_dim=info["embed_dim"],
+            modalities=modalities, layout=layout))
+        units += shard_units(split, "image", m.n_images, cfg.rows_per_shard)
+        units += shard_units(split, "text", m.n_texts, cfg.rows_per_shard)
+    run_fp = fingerprint({
+        "teacher": info["fingerprint"], "layout": [cfg.rows_per_shard, cfg.rows_per_chunk],
+        "on_bad_image": cfg.on_bad_image, "datasets": {s: m.fingerprint for s, m in manifests.items()},
+        "package": __version__,
+    })
+
+    job = StoreJob(f"teach {name}", Path(cfg.out_root).resolve() / name, run_fp, stores, units,
+                   TeachWork(cfg, manifests, source), skipped_attrs)
+    job.meta.update(teacher=info, manifests=manifests)  # for the summary
+    return job
+
+
+def run_teach(cfg: TeachConfig, name: str, teacher: Any = None, progress: bool | None = None, *,
+              entry: TeacherEntry | None = None) -> dict[str, Any]:
+    """Build (or resume, or keep) the caches of teacher ``name``; returns the run summary.
+
+    ``teacher``: a built teacher (in-process runs); ``entry``: its params entry, from which every
+    worker builds its own (required when ``cfg.executor`` is ``dask``). Holds the output's lock
+    throughout (a concurrent run on the same output is refused), first repairs a publish that an
+    earlier run left half-done, and keeps a current, undamaged output as it is.
+    """
+    t0 = time.perf_counter()
+    check_executor(cfg.executor, cfg.dask, "teach")
+    source = teacher_source(cfg, teacher, entry)
+    out = Path(cfg.out_root) / name
+    with open_executor(cfg.executor, cfg.dask, "teach") as executor:
+        job, result = run_store_stage(out, f"`distill teach {name}`",
+                                      lambda: plan_teach(cfg, name, source, executor), executor, progress)
+    return _summary(cfg, name, job, result, time.perf_counter() - t0)
+
+
+def _summary(cfg: TeachConfig, name: str, job: StoreJob, result: RunResult,
+             seconds: float) -> dict[str, Any]:
+    skipped = skipped_by_split(job, result)
     summary = {
-        "teacher": run.name, "teacher_fingerprint": fingerprint(run.teacher_fp),
-        "up_to_date": up_to_date, "forward_calls": forward_calls,
-        "units_computed": run.units_computed, "units_resumed": run.units_resumed,
-        "images": {s: m.n_images for s, m in run.manifests.items()},
-        "texts": {s: m.n_texts for s, m in run.manifests.items()},
-        "skipped_count": sum(len(v) for v in run.skipped.values()),
-        "skipped": run.skipped, "seconds": round(seconds, 3),
+        "teacher": name, "teacher_fingerprint": fingerprint(job.meta["teacher"]["fingerprint"]),
+        "up_to_date": result.up_to_date, "executor": cfg.executor,
+        "forward_calls": sum(result.infos[k].get("forward_calls", 0) for k in result.computed),
+        **result.counters(),
+        "images": {s: m.n_images for s, m in job.meta["manifests"].items()},
+        "texts": {s: m.n_texts for s, m in job.meta["manifests"].items()},
+        "skipped_count": sum(len(v) for v in skipped.values()),
+        "skipped": skipped, "seconds": round(seconds, 3),
     }
-    summary_dir = Path(run.cfg.summary_dir)
+    summary_dir = Path(cfg.summary_dir)
     summary_dir.mkdir(parents=True, exist_ok=True)
-    (summary_dir / f"{run.name}.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (summary_dir / f"{name}.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary

@@ -17,7 +17,7 @@ full [Nq, Nk] matrix. Two tricks keep this exact and cheap:
   in index order). After the first key block that is a small fraction of the block, so the
   cost is dominated by the matmul instead of a full top-k over every block.
 
-The faiss backend (``faiss-cpu`` is a dependency; faster, with less memory, BENCHMARKS.md §4)
+The faiss backend (``faiss-cpu`` is a dependency; faster, with less memory, BENCHMARKS.md §5)
 lets faiss do the heavy part: its ``knn`` (the search of ``IndexFlatIP`` without building an
 index, so without a copy of the keys) returns a few more than k candidates per query, and the
 exact order is restored here. faiss keeps the right *set* of the top candidates but not the
@@ -28,7 +28,7 @@ where that fails (a run of equal similarities across the boundary) are searched 
 more candidates until it holds.
 Both backends follow the same rule on their own float32 similarities, which can differ in the
 last bits (two BLAS libraries): two neighbours within a rounding error of each other may come
-out in either order depending on the backend (a few rows in 50,000 in BENCHMARKS.md §4).
+out in either order depending on the backend (a few rows in 50,000 in BENCHMARKS.md §5).
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """Shared option types and output helpers for the stage commands."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,7 +20,27 @@ ProgressOpt = Annotated[Optional[bool], typer.Option(
     help="Progress goes to stderr: by default a bar on a terminal, otherwise a plain line every "
          "30 s or 5 % (DISTILL_PROGRESS_SECONDS / DISTILL_PROGRESS_PERCENT). --progress also "
          "shows libraries' own bars (downloads, weight loading); --no-progress shows none.")]
+ExecutorOpt = Annotated[Optional[str], typer.Option(
+    help="Override <stage>.executor: inprocess, or dask (units as tasks of a Dask cluster).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    help="Start a LocalCluster of N worker processes (sets <stage>.dask.workers; implies dask).")]
+SchedulerOpt = Annotated[Optional[str], typer.Option(
+    help="Join the Dask cluster at this scheduler, e.g. tcp://host:8786 (implies dask).")]
 console = Console(stderr=True)
+C = TypeVar("C")
+
+
+def with_executor(cfg: C, executor: str | None, workers: int | None, scheduler: str | None) -> C:
+    """``cfg`` with the CLI's executor flags applied: ``--workers``/``--scheduler`` set the
+    ``dask`` sub-config and imply ``--executor dask`` unless ``--executor`` says otherwise."""
+    dask = cfg.dask  # type: ignore[attr-defined]
+    if workers is not None:
+        dask = dataclasses.replace(dask, workers=workers, scheduler=None)
+    if scheduler is not None:
+        dask = dataclasses.replace(dask, scheduler=scheduler)
+    name = executor or ("dask" if workers is not None or scheduler is not None
+                        else cfg.executor)  # type: ignore[attr-defined]
+    return dataclasses.replace(cfg, executor=name, dask=dask)  # type: ignore[type-var]
 
 
 def print_json(data: Any) -> None:

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.common import ParamsOpt, ProgressOpt, print_json, reported_errors, start_output
+from stages.common import (ExecutorOpt, ParamsOpt, ProgressOpt, SchedulerOpt, WorkersOpt, print_json,
+                           reported_errors, start_output, with_executor)
 
 
 def command(
@@ -14,6 +15,9 @@ def command(
         help="A key of the `teachers` mapping (default: neighbors.teacher).")] = None,
     params: ParamsOpt = Path("params.yaml"),
     progress: ProgressOpt = None,
+    executor: ExecutorOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
     """Write <out_root>/NAME/<split>.zarr with *_topk_idx / *_topk_sim (params section `neighbors`)."""
     start_output(progress)
@@ -21,5 +25,6 @@ def command(
     from pipeline.neighbors import NeighborsConfig, run_neighbors
 
     with reported_errors():
-        cfg = load_section(NeighborsConfig, "neighbors", params)
+        cfg = with_executor(load_section(NeighborsConfig, "neighbors", params), executor, workers,
+                            scheduler)
         print_json(run_neighbors(cfg, name or cfg.teacher, progress))

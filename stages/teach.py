@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from stages.common import ParamsOpt, ProgressOpt, console, print_json, reported_errors, start_output
+from stages.common import (ExecutorOpt, ParamsOpt, ProgressOpt, SchedulerOpt, WorkersOpt, console,
+                           print_json, reported_errors, start_output, with_executor)
 
 
 def command(
@@ -16,25 +17,31 @@ def command(
     progress: ProgressOpt = None,
     section: Annotated[str, typer.Option(help="Params section of the stage settings "
                                                   "(grounding: grounding.teach).")] = "teach",
+    executor: ExecutorOpt = None,
+    workers: WorkersOpt = None,
+    scheduler: SchedulerOpt = None,
 ) -> None:
-    """Cache one teacher's embeddings for every split (params sections `teach`, `teachers`)."""
+    """Cache one teacher's embeddings for every split (params sections `teach`, `teachers`).
+    With the Dask executor every worker builds the teacher from its params entry."""
     start_output(progress)
     # imported here: torch and the teachers load only when a command needs them
+    from dataclasses import replace
+
     from pipeline.config import load_params, load_section
-    from pipeline.devices import resolve_device
     from pipeline.lock import output_lock
     from pipeline.teach import TeachConfig, TeacherEntry, run_teach
-    from pipeline.teachers import create_teacher
 
     with reported_errors():
         data = load_params(params)
-        cfg = load_section(TeachConfig, section, data)
+        cfg = with_executor(load_section(TeachConfig, section, data), executor, workers, scheduler)
+        if device:
+            cfg = replace(cfg, device=device, devices=())
         entry = load_section(TeacherEntry, f"teachers.{name}", data)
-        # locked before the teacher is built: a second run is refused at once, not after
+        # locked before any teacher is built: a second run is refused at once, not after
         # loading weights (run_teach takes the same lock again)
         with output_lock(Path(cfg.out_root) / name, f"`distill teach {name}`"):
-            teacher = create_teacher(entry.teacher, **entry.kwargs).to(resolve_device(device or cfg.device))
-            summary = run_teach(cfg, name, teacher, progress=progress)
+            teacher = _driver_teacher(cfg, entry)
+            summary = run_teach(cfg, name, teacher, progress=progress, entry=entry)
     if summary["skipped_count"]:
         ids = [s["id"] for split in summary["skipped"].values() for s in split]
         shown = ", ".join(ids[:5]) + (", ..." if len(ids) > 5 else "")
@@ -42,3 +49,14 @@ def command(
                       f"invalid: {shown} (all ids and reasons in {cfg.summary_dir}/{name}.json)[/]",
                       highlight=False)
     print_json({k: v for k, v in summary.items() if k != "skipped"})
+
+
+def _driver_teacher(cfg, entry):
+    """The teacher of an in-process run (built here, on the configured device); None on Dask,
+    whose workers build their own."""
+    if cfg.executor == "dask":
+        return None
+    from pipeline.devices import resolve_device
+    from pipeline.teachers import create_teacher  # here, so other stages never import teachers
+
+    return create_teacher(entry.teacher, **entry.kwargs).to(resolve_device(cfg.device))

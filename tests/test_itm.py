@@ -108,6 +108,20 @@ def test_rerun_does_nothing_and_other_dataset_is_refused(make_dataset, tiny_teac
     assert other in str(err.value) and load_manifest(root / "train").fingerprint in str(err.value)
 
 
+def test_damaged_kept_output_is_rebuilt(make_dataset, tiny_teacher, blip, tmp_path):
+    """A complete, current output that lost a shard file is not kept: it is rebuilt."""
+    root = make_dataset(n_train=10)
+    build_neighbors(root, tiny_teacher, tmp_path)
+    cfg = itm_cfg(root, tmp_path)
+    run_itm(cfg, blip, progress=False)
+    store = tmp_path / "itm/dual/train.zarr"
+    before = tree_digest(store)
+    (store / "i2t_cand_itm/c/1/0").unlink()
+    rebuilt = run_itm(cfg, blip, progress=False)
+    assert not rebuilt["up_to_date"] and rebuilt["units_computed"] == 2
+    assert tree_digest(store) == before and open_itm_scores(store).image_valid.all()
+
+
 class Interrupting(TeachInterrupting):
     """The teach tests' wrapper, counting ITM scoring calls; ``nan`` returns Inf for one pair."""
 
@@ -207,7 +221,8 @@ def test_cli_runs_the_stage_from_params(make_dataset, tiny_teacher, tmp_path):
     cfg = itm_cfg(root, tmp_path)
     params = {"teachers": {"dual": {"teacher": "open_clip", "kwargs": {"model_cfg": TINY_CLIP_CFG}},
                            "blip": {"teacher": "blip_itm", "kwargs": {"config": "tiny", "seed": 0}}},
-              "itm": {**vars(cfg), "splits": ["train"]}}
+              "itm": {**{k: v for k, v in vars(cfg).items() if k not in ("dask", "devices")},
+                      "splits": ["train"]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(app, ["itm", "--params", str(tmp_path / "params.yaml"), "--no-progress"])
     assert result.exit_code == 0, result.output

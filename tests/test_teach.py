@@ -163,6 +163,21 @@ def test_deleted_shard_is_caught_on_open_and_by_verify(make_dataset, tiny_teache
         TeacherCache.open(store)
 
 
+def test_current_neighbours_are_kept_and_damaged_ones_rebuilt(tmp_path):
+    random_cache(tmp_path / "caches/tiny/train.zarr", n_img=20, captions=1, dim=8)
+    cfg = NeighborsConfig(teacher="tiny", k=3, cache_root=str(tmp_path / "caches"),
+                          out_root=str(tmp_path / "nn"), rows_per_shard=8)
+    first = run_neighbors(cfg, "tiny", progress=False)
+    store = tmp_path / "nn/tiny/train.zarr"
+    before = tree_digest(store)
+    again = run_neighbors(cfg, "tiny", progress=False)
+    assert again["up_to_date"] and again["units_computed"] == 0 and tree_digest(store) == before
+    (store / "t2t_topk_idx/c/2/0").unlink()
+    rebuilt = run_neighbors(cfg, "tiny", progress=False)
+    assert not rebuilt["up_to_date"] and rebuilt["units_computed"] == first["units_computed"]
+    assert tree_digest(store) == before
+
+
 def test_deleted_neighbour_shard_is_refused(tmp_path):
     random_cache(tmp_path / "caches/tiny/train.zarr", n_img=20, captions=1, dim=8)
     cfg = NeighborsConfig(teacher="tiny", k=3, cache_root=str(tmp_path / "caches"),
@@ -249,6 +264,20 @@ def test_preprocess_threads_give_identical_cache(make_dataset, tiny_teacher, tmp
     run_teach(teach_cfg(root, tmp_path, out_root=str(tmp_path / "b"), preprocess_workers=3),
               "tiny", tiny_teacher, progress=False)
     assert tree_digest(tmp_path / "a/tiny") == tree_digest(tmp_path / "b/tiny")
+
+
+def test_decoder_processes_give_identical_cache_and_the_same_errors(make_dataset, tiny_teacher, tmp_path):
+    """Images read, decoded and preprocessed in DataLoader processes apart from the forward:
+    the same bytes, the same skipped samples, and `strict` still names the sample."""
+    root = make_dataset(n_train=20, corrupt={5})
+    a = run_teach(teach_cfg(root, tmp_path, out_root=str(tmp_path / "a")), "tiny", tiny_teacher, progress=False)
+    b = run_teach(teach_cfg(root, tmp_path, out_root=str(tmp_path / "b"), decode_workers=2),
+                  "tiny", tiny_teacher, progress=False)
+    assert tree_digest(tmp_path / "a/tiny") == tree_digest(tmp_path / "b/tiny")
+    assert b["skipped"] == a["skipped"] and b["skipped_count"] == 1
+    with pytest.raises(SampleDecodeError, match="key s00005"):
+        run_teach(teach_cfg(root, tmp_path, out_root=str(tmp_path / "c"), decode_workers=2,
+                            on_bad_image="strict"), "tiny", tiny_teacher, progress=False)
 
 
 def test_prefetch_thread_stops_with_its_consumer():

@@ -1,0 +1,95 @@
+"""Neighbour store format (schema ``neighbors.v1``): exact top-k neighbours of one teacher store.
+
+For each direction (``i2t``, ``t2i``, ``i2i``, ``t2t``) the store holds ``{dir}_topk_idx [N, k]
+int32`` and ``{dir}_topk_sim [N, k] float16``, sorted by descending similarity, ties to the lower
+row. Fill values are chosen to be caught: a lost shard reads back as NaN similarities, or index -1
+beside a similarity that is not -inf (the only legitimate -1 is an empty slot, similarity -inf).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.cache import (Layout, base_attrs, check_fingerprint, create_array, open_group_checked,
+                            raise_faults, read_array, structure_faults, validate_attrs)
+from pipeline.formats import StoreFormat, structure_then_rows
+
+SCHEMA_NAME = "neighbors.v1"
+SCHEMA_ID = "vlm-distill/neighbors"
+SCHEMA_VERSION = 1
+CURRENT_KEYS = ("schema", "schema_version", "k", "directions", "source_teacher_fingerprint",
+                "dataset_fingerprint", "split")
+
+
+def store_attrs(k: int, directions: list[str], source_teacher_fingerprint: str,
+                dataset_fingerprint: str, split: str, where: str) -> dict[str, Any]:
+    """Root attributes of a new (still incomplete) neighbour store."""
+    attrs = base_attrs(SCHEMA_ID) | dict(
+        k=k, directions=list(directions), source_teacher_fingerprint=source_teacher_fingerprint,
+        dataset_fingerprint=dataset_fingerprint, split=split)
+    validate_attrs(attrs, SCHEMA_NAME, where)
+    return attrs
+
+
+def create(path: Path, attrs: dict[str, Any], *, rows: dict[str, int], layout: Layout) -> zarr.Group:
+    """An empty neighbour store; ``rows``: query rows per direction."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for d in attrs["directions"]:
+        create_array(group, f"{d}_topk_idx", (rows[d], attrs["k"]), "int32", layout, -1)
+        create_array(group, f"{d}_topk_sim", (rows[d], attrs["k"]), "float16", layout, np.nan)
+    group.attrs.update(attrs)
+    return group
+
+
+def topk_row_faults(arrays: dict[str, np.ndarray], direction: str, offset: int = 0) -> list[str]:
+    """Rows of one direction that read back as fill values: a NaN similarity (the fill value),
+    or an index of -1 (its fill value) where the similarity is not -inf (the only legitimate
+    -1 is an empty neighbour slot, whose similarity is -inf). ``offset``: row of ``arrays[0]``."""
+    idx, sim = arrays[f"{direction}_topk_idx"], arrays[f"{direction}_topk_sim"]
+    faults = []
+    nan = np.flatnonzero(np.isnan(sim).any(axis=1))
+    if nan.size:
+        faults.append(f"{direction}_topk_sim: {nan.size} rows hold fill values (first row "
+                      f"{offset + int(nan[0])}): a shard file is missing or was not written")
+    lost = np.flatnonzero(((idx == -1) & ~np.isneginf(sim) & ~np.isnan(sim)).any(axis=1))
+    if lost.size:
+        faults.append(f"{direction}_topk_idx: {lost.size} rows hold fill values (first row "
+                      f"{offset + int(lost[0])}): a shard file is missing or was not written")
+    return faults
+
+
+def unwritten_faults(group: zarr.Group) -> list[str]:
+    """Rows of any direction that still hold fill values."""
+    faults = []
+    for d in group.attrs["directions"]:
+        arrays = {n: np.asarray(group[n][:]) for n in (f"{d}_topk_idx", f"{d}_topk_sim")}
+        faults += topk_row_faults(arrays, d)
+    return faults
+
+
+def open_neighbors(path: str | Path, expect_teacher: str | None = None,
+                   expect_dataset: str | None = None) -> dict[str, np.ndarray]:
+    """Load a verified neighbour store as ``{array name: array}`` (plus ``attrs``).
+
+    Runs the cheap checks of ``distill cache verify``: schema, completeness, the expected source
+    teacher and dataset fingerprints (when given), array layout, every shard file present, every
+    chunk's checksum (all arrays are read), and no row read back as fill values.
+    """
+    path = Path(path)
+    group = open_group_checked(path, SCHEMA_NAME)
+    attrs = dict(group.attrs)
+    hint = "rebuild it with `distill neighbors` (or `dvc repro`) from the cache you use"
+    check_fingerprint("source teacher", path, expect_teacher, attrs["source_teacher_fingerprint"], hint)
+    check_fingerprint("dataset", path, expect_dataset, attrs["dataset_fingerprint"], hint)
+    raise_faults(path, structure_faults(path, group))
+    arrays: dict[str, Any] = {name: read_array(group, name, path) for name in group.array_keys()}
+    raise_faults(path, [f for d in attrs["directions"] for f in topk_row_faults(arrays, d)])
+    arrays["attrs"] = attrs
+    return arrays
+
+
+published_faults = structure_then_rows(unwritten_faults)  # a kept store
+FORMAT = StoreFormat(SCHEMA_NAME, CURRENT_KEYS, create, published_faults, unwritten_faults)
