@@ -4,8 +4,9 @@ Each measurement runs in a fresh subprocess that builds the same data (seeded, L
 float32 embeddings), resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), then times
 one call (wall and CPU time of the process) and reads the peak: "peak extra memory" is the peak
 RSS during the call minus the RSS before it (the data itself is not counted). Methods run
-interleaved, ``--repeats`` times each; figures are medians. On a machine shared with other work
-the CPU time (all threads of the call) is the steadier measure of the work done. Methods:
+interleaved, ``--repeats`` times each, in an order reversed every repeat; figures are medians.
+On a machine shared with other work the CPU time (all threads of the call) is the steadier
+measure of the work done. Methods:
 
 * ``blocked_topk``: ``blocked_topk(x, x, k)`` with the default backend (faiss when installed);
 * ``faiss_flat_ip``: ``faiss.IndexFlatIP(D)``, ``add(x)``, ``search(x, k)``;
@@ -119,7 +120,9 @@ def main() -> None:
     mismatched: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
-            for method in args.methods:
+            # the order reverses every repeat (ABBA...), so a load that drifts during the run
+            # weighs on every method alike
+            for method in (args.methods if rep % 2 == 0 else args.methods[::-1]):
                 out = Path(tmp) / f"{method}.npz"
                 runs[method].append(_measure(method, args, out))
                 print(f"repeat {rep} {method}: {runs[method][-1]}", file=sys.stderr, flush=True)

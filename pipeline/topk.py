@@ -17,15 +17,15 @@ full [Nq, Nk] matrix. Two tricks keep this exact and cheap:
   in index order). After the first key block that is a small fraction of the block, so the
   cost is dominated by the matmul instead of a full top-k over every block.
 
-The faiss backend (``faiss-cpu`` is a dependency; faster, with less memory, BENCHMARKS.md §5)
-lets faiss do the heavy part: its ``knn`` (the search of ``IndexFlatIP`` without building an
-index, so without a copy of the keys) returns a few more than k candidates per query, and the
-exact order is restored here. faiss keeps the right *set* of the top candidates but not the
-order of equal similarities, so each row's candidates are re-sorted by (similarity desc, index
-asc); the result is exact whenever the k-th similarity is strictly above the last candidate's,
-because then every key that could still tie or beat it is among the candidates. The rare rows
-where that fails (a run of equal similarities across the boundary) are searched again with
-more candidates until it holds.
+The faiss backend (``faiss-cpu`` is a dependency; about 1.5x faster than torch here, with less
+memory, BENCHMARKS.md §5) lets faiss do the heavy part: its ``knn`` (the search of
+``IndexFlatIP`` without building an index, so without a copy of the keys) returns a few more
+than k candidates per query, and the exact order is restored here. faiss keeps the right *set*
+of the top candidates but not the order of equal similarities, so each row's candidates are
+re-sorted by (similarity desc, index asc); the result is exact whenever the k-th similarity is
+strictly above the last candidate's, because then every key that could still tie or beat it is
+among the candidates. The rare rows where that fails (a run of equal similarities across the
+boundary) are searched again with more candidates until it holds.
 Both backends follow the same rule on their own float32 similarities, which can differ in the
 last bits (two BLAS libraries): two neighbours within a rounding error of each other may come
 out in either order depending on the backend (a few rows in 50,000 in BENCHMARKS.md §5).
