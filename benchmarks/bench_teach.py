@@ -24,6 +24,7 @@ cache. Prints a Markdown table, writes ``benchmarks/results/bench_teach.json``.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -118,7 +119,8 @@ def teach_pass(teacher: Any, args: argparse.Namespace, root: Path, work: Path,
     out = Path(tempfile.mkdtemp(dir=work, prefix="teach-"))
     cfg = TeachConfig(dataset=str(root), splits=(args.split,), out_root=str(out / "caches"),
                       batch_size=args.batch_size, device=args.device, summary_dir=str(out / "summary"),
-                      rows_per_shard=args.rows_per_shard, decode_workers=args.decode_workers,
+                      rows_per_shard=args.rows_per_shard,
+                      rows_per_chunk=math.gcd(args.rows_per_shard, TeachConfig.rows_per_chunk), decode_workers=args.decode_workers,
                       executor="dask" if scheduler else "inprocess",
                       dask=DaskConfig(scheduler=scheduler, torch_threads=args.torch_threads))
     entry = TeacherEntry(args.teacher, teacher_kwargs(args))

@@ -13,6 +13,7 @@ Prints a Markdown table, writes ``benchmarks/results/bench_teach_scaling.json``.
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import tempfile
 from contextlib import ExitStack
@@ -42,7 +43,9 @@ def teach_pass(args: argparse.Namespace, root: Path, work: Path, scheduler: str)
     """One teach run on the cluster at ``scheduler`` into a fresh folder; its seconds."""
     out = Path(tempfile.mkdtemp(dir=work, prefix="teach-"))
     cfg = TeachConfig(dataset=str(root), splits=(args.split,), out_root=str(out / "caches"),
-                      batch_size=args.batch_size, rows_per_shard=args.rows_per_shard, device="cpu",
+                      batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,
+                      rows_per_chunk=math.gcd(args.rows_per_shard, TeachConfig.rows_per_chunk),
+                      device="cpu",
                       summary_dir=str(out / "summary"), executor="dask",
                       dask=DaskConfig(scheduler=scheduler, torch_threads=1))
     summary = run_teach(cfg, args.teacher, progress=False,
