@@ -118,6 +118,17 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str = "") -> C:
     return cls(**kwargs)
 
 
+def recipe_fields(recipes: dict[str, Any] | None, name: str, cls: type, key: str, section: str,
+                  none_hint: str) -> dict[str, Any]:
+    """Recipe ``name`` of the ``section`` mapping ``recipes``, checked as dataclass ``cls`` and
+    returned as a dict; an unknown name (setting ``key``) fails with the known ones."""
+    recipes = recipes or {}
+    if name not in recipes:
+        raise ConfigError(f"{key}: unknown recipe {name!r}; known: "
+                          f"{', '.join(sorted(recipes)) or none_hint}")
+    return dataclasses.asdict(from_dict(cls, recipes[name], f"{section}.{name}"))
+
+
 def load_section(cls: type[C], section: str, params: str | Path | dict = "params.yaml") -> C:
     """Build ``cls`` from ``params[section]`` (dotted sections like ``teach.clip`` allowed)."""
     data = params if isinstance(params, dict) else load_params(params)

@@ -31,8 +31,8 @@ from torch import Tensor
 
 from pipeline.data.shards import Manifest, load_manifest
 from pipeline.devices import resolve_device
-from pipeline.config import DEVICE_PATTERN, check_settings, from_dict, load_params, setting
-from pipeline.errors import CacheError, ConfigError, PipelineError
+from pipeline.config import DEVICE_PATTERN, check_settings, from_dict, load_params, recipe_fields, setting
+from pipeline.errors import CacheError, PipelineError
 from pipeline.fingerprint import fingerprint
 from pipeline.batch import BatchPlan, assemble
 from pipeline.data.captions import load_captions
@@ -116,11 +116,8 @@ def load_train_config(params: str | Path | dict = "params.yaml") -> TrainConfig:
     section = dict(data.get("train") or {})
     name = section.get("recipe")
     if name is not None:
-        recipes = data.get("recipes") or {}
-        if name not in recipes:
-            raise ConfigError(f"train.recipe: unknown recipe {name!r}; known: "
-                              f"{', '.join(sorted(recipes)) or '(none: add a `recipes` section)'}")
-        recipe = asdict(from_dict(Recipe, recipes[name], f"recipes.{name}"))
+        recipe = recipe_fields(data.get("recipes"), name, Recipe, "train.recipe", "recipes",
+                               "(none: add a `recipes` section)")
         recipe.pop("description")
         section.update(recipe)
     return from_dict(TrainConfig, section, "train")

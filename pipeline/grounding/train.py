@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from pipeline.cache import TeacherCache
-from pipeline.config import from_dict, load_params
+from pipeline.config import from_dict, load_params, recipe_fields
 from pipeline.data.shards import load_manifest
 from pipeline.devices import resolve_device
 from pipeline.errors import CacheError, ConfigError, PipelineError
@@ -83,11 +83,9 @@ def load_ground_train_config(params: str | Path | dict = "params.yaml") -> Groun
     section = dict(grounding.get("train") or {})
     name = section.get("recipe")
     if name is not None:
-        recipes = grounding.get("recipes") or {}
-        if name not in recipes:
-            raise ConfigError(f"grounding.train.recipe: unknown recipe {name!r}; known: "
-                              f"{', '.join(sorted(recipes)) or '(none: add grounding.recipes)'}")
-        section["losses"] = asdict(from_dict(GroundRecipe, recipes[name], f"grounding.recipes.{name}"))["losses"]
+        section["losses"] = recipe_fields(grounding.get("recipes"), name, GroundRecipe,
+                                          "grounding.train.recipe", "grounding.recipes",
+                                          "(none: add grounding.recipes)")["losses"]
     cfg = from_dict(GroundTrainConfig, section, "grounding.train")
     if cfg.batch_size < 1 or not cfg.epochs > 0 or not cfg.losses:
         raise ConfigError("grounding.train: batch_size must be >= 1, epochs > 0 and losses non-empty")
