@@ -13,6 +13,7 @@ from typing import Callable
 
 CATALOG: dict[str, dict[str, str]] = {
     "teacher": {
+        "aligned": "pipeline.teachers.aligned:make_aligned",
         "blip_itm": "pipeline.teachers.blip:make_blip_itm",
         "demo_clip": "pipeline.teachers.demo_clip:make_demo_clip",
         "efficientnet_lite": "pipeline.teachers.vision:make_efficientnet_lite",

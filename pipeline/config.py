@@ -23,7 +23,7 @@ C = TypeVar("C")
 # The top-level keys params.yaml may hold: one section per stage, the teacher and recipe mappings,
 # and the teacher names dvc.yaml interpolates. ``tests/test_config.py`` checks this list against
 # the generated schema, so a new section is added to both.
-PARAMS_SECTIONS = ("prepare", "teachers", "teach", "neighbors", "itm", "train", "recipes", "evaluate",
+PARAMS_SECTIONS = ("prepare", "teachers", "teach", "align", "neighbors", "itm", "train", "recipes", "evaluate",
                    "distill_from", "vision_from", "text_from", "single_stream_from", "grounding")
 
 # Bound keywords a field may declare (JSON-schema names); sequences apply them to each item.

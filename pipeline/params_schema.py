@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pipeline.align import AlignConfig
 from pipeline.config import json_schema
 from pipeline.data.prepare import PrepareConfig
 from pipeline.evaluate import EvalConfig
@@ -36,6 +37,7 @@ def params_schema() -> dict[str, Any]:
             "prepare": json_schema(PrepareConfig),
             "teachers": {"type": "object", "additionalProperties": json_schema(TeacherEntry)},
             "teach": json_schema(TeachConfig),
+            "align": json_schema(AlignConfig),
             "neighbors": json_schema(NeighborsConfig),
             "itm": json_schema(ItmConfig),
             "train": json_schema(TrainConfig),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import cache, evaluate, ground, itm, neighbors, prepare, teach, train
+from stages import align, cache, evaluate, ground, itm, neighbors, prepare, teach, train
 
 app = typer.Typer(
     help="Offline distillation of vision-language teachers into small dual-encoder students.",
@@ -11,6 +11,7 @@ app = typer.Typer(
 )
 app.command("prepare")(prepare.command)
 app.command("teach")(teach.command)
+app.command("align")(align.command)
 app.command("neighbors")(neighbors.command)
 app.command("itm")(itm.command)
 app.command("train")(train.command)

@@ -29,7 +29,8 @@ def tiny_params() -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["prepare"] = {"source": "folder", "src": "raw", "out": "data/tiny", "shard_size": 16,
                          "test_percent": 30, "val_percent": 10, "salt": "split-v1"}
-    params.update(distill_from="tiny_clip", vision_from="tiny_vision", text_from="tiny_clip",
+    # the student distils from the teacher `align` makes of tiny_vision's images and tiny_clip's texts
+    params.update(distill_from="aligned", vision_from="tiny_vision", text_from="tiny_clip",
                   single_stream_from="tiny_blip")
     params["teachers"] = {
         "tiny_clip": {"teacher": "open_clip", "kwargs": {"model_cfg": TINY_CLIP_CFG, "pretrained": None}},
@@ -37,18 +38,20 @@ def tiny_params() -> dict:
                         "kwargs": {"model_cfg": TINY_CLIP_CFG, "pretrained": None, "seed": 1}},
         "tiny_blip": {"teacher": "blip_itm", "kwargs": {"config": "tiny", "seed": 0}}}
     params["teach"].update(dataset="data/tiny", batch_size=16, rows_per_shard=32, rows_per_chunk=16)
-    params["neighbors"].update(teacher="tiny_clip", k=12)
-    params["itm"].update(dual="tiny_clip", single="tiny_blip", k=11, dataset="data/tiny")
+    params["align"].update(vision="tiny_vision", text="tiny_clip", embed_dim=16, epochs=3, batch_size=8,
+                           patience=2)
+    params["neighbors"].update(teacher="aligned", k=12)
+    params["itm"].update(dual="aligned", single="tiny_blip", k=11, dataset="data/tiny")
     params["train"].update(
         student_kwargs={"embed_dim": 32, "image_size": 32, "patch_size": 8, "vision_width": 32,
                         "vision_layers": 1, "vision_heads": 2, "context_length": 16, "text_width": 32,
                         "text_heads": 2, "text_layers": 1},
-        dataset="data/tiny", caches=["caches/tiny_clip/train.zarr"], batch_size=8, epochs=1.0,
+        dataset="data/tiny", caches=["caches/aligned/train.zarr"], batch_size=8, epochs=1.0,
         vision_teacher="caches/tiny_vision/train.zarr", text_teacher="caches/tiny_clip/train.zarr",
         single_stream_teacher="caches/tiny_blip/train.zarr",
-        neighbors="caches/neighbors/tiny_clip/train.zarr", itm_scores="caches/itm/tiny_clip/train.zarr",
+        neighbors="caches/neighbors/aligned/train.zarr", itm_scores="caches/itm/aligned/train.zarr",
         warmup_steps=1, log_every=1, checkpoint_every=2, device="cpu")
-    params["evaluate"].update(dataset="data/tiny/test", teacher_cache="caches/tiny_clip/test.zarr",
+    params["evaluate"].update(dataset="data/tiny/test", teacher_cache="caches/aligned/test.zarr",
                               teacher=None, latency_repeats=2, latency_warmup=1, measure_memory=False)
     grounding = params["grounding"]
     grounding["teacher"] = "tiny_clip"
@@ -108,7 +111,7 @@ def project(tmp_path: Path) -> Path:
 def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
     first = run(["dvc", "repro"], project)
     assert stages_run(first) == {"prepare", "teach@tiny_clip", "teach@tiny_vision", "teach@tiny_blip",
-                                 "neighbors", "itm", "train", "evaluate",
+                                 "align", "neighbors", "itm", "train", "evaluate",
                                  "ground_prepare", "ground_teach", "ground_train", "ground_evaluate"}
     metrics = json.loads((project / "reports/eval/metrics.json").read_text())
     assert json.loads((project / "models/student/train_summary.json").read_text())["teacher_forward_calls"] == 0

@@ -1,0 +1,501 @@
+"""Stage ``align``: a cross-modal teacher aligned from a vision-only and a text-only teacher's caches.
+
+Locked-image tuning (LiT, Zhai et al. 2022) keeps pretrained towers frozen and trains only light
+heads; here the towers' outputs are already cached, so training touches no image, no caption and
+no encoder: two projection heads (``linear`` or a small ``mlp``) learn CLIP's symmetric
+contrastive loss on the cached features of the train split, with a learned logit scale, stopping
+early on the val split. The aligned teacher is then written as an ordinary teacher store
+(schema ``teacher-cache.v1``, :mod:`pipeline.formats.teacher`) for every split both caches cover:
+
+    image_emb = normalize(head_v(vision_feat))    text_emb = normalize(head_t(text_feat))
+
+Its teacher fingerprint names both source teachers' fingerprints and the heads' weights
+(sha256); its dataset fingerprint is the sources' (they must agree). Writing goes through the
+store runner (:mod:`pipeline.runner`): lock, resume, keep-if-current, Dask or in-process.
+
+The heads are saved beside (``<heads_dir>/<name>/heads.safetensors`` + ``heads.json``, with the
+source teachers' params entries), so the registered teacher ``aligned``
+(:mod:`pipeline.teachers.aligned`) can run encoders + heads end to end (evaluation times it) and
+reproduces the stored embeddings.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from torch import Tensor, nn
+
+from pipeline import __version__
+from pipeline.cache import (ROW_VALID, Layout, TeacherCache, open_group_checked, raise_faults,
+                            read_strings, structure_faults, teacher_store_attrs)
+from pipeline.config import check_settings, setting
+from pipeline.errors import CacheError, ConfigError
+from pipeline.executors import DaskConfig, ExecutorName, check_executor, open_executor
+from pipeline.fingerprint import fingerprint
+from pipeline.formats import StoreSpec
+from pipeline.formats import teacher as teacher_format
+from pipeline.lock import output_lock
+from pipeline.progress import note
+from pipeline.runner import StoreJob, Unit, run_store_stage, shard_units
+from pipeline.scratch import write_durable
+
+log = logging.getLogger(__name__)
+MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of the learned scale
+HEADS_FILE, HEADS_SPEC = "heads.safetensors", "heads.json"
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Parameters of the ``align`` stage (``params.yaml`` section ``align``)."""
+
+    name: str = "aligned"                  # the aligned teacher: <cache_root>/<name>/<split>.zarr
+    vision: str = "effnet"                 # vision-only teacher (a `teachers` key) whose caches are read
+    text: str = "minilm"                   # text-only teacher (a `teachers` key; its text side is used)
+    cache_root: str = "caches"             # where the sources' stores are, and the output goes
+    train_split: str = "train"             # the heads learn on this split
+    val_split: str | None = "val"          # early stopping on this split's contrastive loss;
+                                           # null (or no cache of it) = train all epochs
+    head: Literal["linear", "mlp"] = "linear"  # linear: one matrix per tower; mlp: Linear-GELU-Linear
+    embed_dim: int = setting(512, minimum=1)   # width of the aligned embeddings
+    hidden_dim: int = setting(1024, minimum=1)  # mlp hidden width
+    epochs: int = setting(200, minimum=1)  # passes over the train images (one random caption each)
+    batch_size: int = setting(256, minimum=2)  # pairs per contrastive batch
+    lr: float = setting(1e-3, exclusive_minimum=0)  # AdamW, cosine decay to 0 over the epochs
+    weight_decay: float = setting(0.0, minimum=0)
+    init_logit_scale: float = setting(1 / 0.07, minimum=1, maximum=MAX_LOGIT_SCALE)  # learned from here
+    patience: int = setting(20, minimum=1)  # epochs without a better val loss before stopping
+    seed: int = 0                           # head initialisation and batch order
+    threads: int | None = setting(1, minimum=1)  # torch threads while the heads train; null = torch's
+                                            # default. The matrices are small: one thread is faster
+                                            # than two here (BENCHMARKS.md §7), much more so on a busy machine
+    heads_dir: str = "models/align"         # heads go to <heads_dir>/<name>/
+    rows_per_shard: int = setting(16384, minimum=1)  # rows per Zarr shard of the written stores
+    rows_per_chunk: int = setting(256, minimum=1)
+    summary_dir: str = "reports/align"      # <summary_dir>/<name>.json: training curve, scale, counts
+    executor: ExecutorName = "inprocess"    # inprocess | dask (writing units as Dask tasks)
+    dask: DaskConfig = field(default_factory=DaskConfig)
+
+    def __post_init__(self) -> None:
+        check_settings(self, "align")
+        if self.rows_per_shard % self.rows_per_chunk:
+            raise ConfigError(f"align.rows_per_chunk: {self.rows_per_chunk} does not divide "
+                              f"align.rows_per_shard ({self.rows_per_shard})")
+        if self.vision == self.name or self.text == self.name:
+            raise ConfigError(f"align.name: {self.name!r} would overwrite a source teacher's caches")
+
+
+# ----------------------------------------------------------------------------- heads and loss
+
+
+def _head(d_in: int, d_out: int, kind: str, hidden: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(d_in, d_out)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, d_out))
+    raise ConfigError(f"align.head: unknown head {kind!r}; known: ['linear', 'mlp']")
+
+
+class AlignHeads(nn.Module):
+    """A projection head per tower and a learned logit scale (stored as its log)."""
+
+    def __init__(self, vision_dim: int, text_dim: int, embed_dim: int, head: str = "linear",
+                 hidden_dim: int = 1024, init_logit_scale: float = 1 / 0.07) -> None:
+        super().__init__()
+        self.args = dict(vision_dim=vision_dim, text_dim=text_dim, embed_dim=embed_dim, head=head,
+                         hidden_dim=hidden_dim, init_logit_scale=init_logit_scale)
+        self.vision = _head(vision_dim, embed_dim, head, hidden_dim)
+        self.text = _head(text_dim, embed_dim, head, hidden_dim)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
+
+    def image(self, feat: Tensor) -> Tensor:
+        """Vision features [B, Dv] -> L2-normalised aligned embeddings [B, D]."""
+        return F.normalize(self.vision(feat), dim=-1)
+
+    def caption(self, feat: Tensor) -> Tensor:
+        """Text features [B, Dt] -> L2-normalised aligned embeddings [B, D]."""
+        return F.normalize(self.text(feat), dim=-1)
+
+    def logit_scale(self) -> Tensor:
+        return self.log_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
+
+
+def contrastive_loss(image_emb: Tensor, text_emb: Tensor, scale: Tensor) -> Tensor:
+    """CLIP's symmetric cross-entropy: pair i is row i of both; mean of image->text and
+    text->image."""
+    logits = scale * image_emb @ text_emb.T
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class SourcePair:
+    """The two source stores of one split, checked to describe the same dataset."""
+
+    split: str
+    vision: Path
+    text: Path
+    dataset_fingerprint: str
+    n_images: int
+    n_texts: int
+
+
+def _source_attrs(path: Path, need: str, role: str) -> dict[str, Any]:
+    if not (path / "zarr.json").exists():
+        raise CacheError(f"align: {role} cache {path} not found: run `distill teach` for that "
+                         "teacher first (or `dvc repro`)")
+    group = open_group_checked(path, teacher_format.SCHEMA_NAME)
+    raise_faults(path, structure_faults(path, group))
+    attrs = dict(group.attrs)
+    if need not in attrs["modalities"]:
+        raise CacheError(f"align: {role} cache {path} has no {need} embeddings "
+                         f"(modalities {attrs['modalities']}); name a teacher with a {need} tower")
+    return attrs
+
+
+def source_pairs(cfg: AlignConfig) -> dict[str, SourcePair]:
+    """Every split with a store of both source teachers, checked against each other: the same
+    dataset (fingerprints), rows and modalities. The train split must be among them."""
+    root = Path(cfg.cache_root)
+    vision_splits = {p.name.removesuffix(".zarr") for p in (root / cfg.vision).glob("*.zarr")}
+    text_splits = {p.name.removesuffix(".zarr") for p in (root / cfg.text).glob("*.zarr")}
+    if cfg.train_split not in vision_splits & text_splits:
+        missing = [str(root / t / f"{cfg.train_split}.zarr") for t, s in
+                   ((cfg.vision, vision_splits), (cfg.text, text_splits)) if cfg.train_split not in s]
+        raise CacheError(f"align: no cache of the train split at {', '.join(missing)}: run "
+                         "`distill teach` for that teacher first (or `dvc repro`)")
+    pairs = {}
+    for split in sorted(vision_splits & text_splits):
+        vpath, tpath = root / cfg.vision / f"{split}.zarr", root / cfg.text / f"{split}.zarr"
+        va, ta = _source_attrs(vpath, "image", "vision"), _source_attrs(tpath, "text", "text")
+        if va["dataset_fingerprint"] != ta["dataset_fingerprint"]:
+            raise CacheError(
+                f"align: {vpath} (dataset {va['dataset_fingerprint']}) and {tpath} (dataset "
+                f"{ta['dataset_fingerprint']}) were built from different datasets: rebuild both "
+                "caches from the same dataset (`distill teach` with the same teach.dataset)")
+        if (va["n_images"], va["n_texts"]) != (ta["n_images"], ta["n_texts"]):
+            raise CacheError(f"align: {vpath} and {tpath} hold different rows "
+                             f"({va['n_images']}/{va['n_texts']} vs {ta['n_images']}/{ta['n_texts']} "
+                             "images/texts) although their dataset fingerprints agree: rebuild them")
+        pairs[split] = SourcePair(split, vpath, tpath, va["dataset_fingerprint"], va["n_images"],
+                                  va["n_texts"])
+    return pairs
+
+
+@dataclass
+class PairedFeatures:
+    """One split's cached features: every image with at least one valid caption, and its captions."""
+
+    image_feat: Tensor          # [N, Dv] float32, valid images with a valid caption
+    text_feat: Tensor           # [M, Dt] float32, their valid captions
+    captions_of: list[Tensor]   # image n -> indices into text_feat
+
+
+def paired_features(pair: SourcePair) -> PairedFeatures:
+    """Load one split's features from both caches (fully checked) and pair them."""
+    vision = TeacherCache.open(pair.vision, expect_dataset=pair.dataset_fingerprint)
+    text = TeacherCache.open(pair.text, expect_dataset=pair.dataset_fingerprint)
+    if not (np.array_equal(vision.text_to_image, text.text_to_image)
+            and np.array_equal(vision.image_ids, text.image_ids)):
+        raise CacheError(f"align: {pair.vision} and {pair.text} order their rows differently; "
+                         "rebuild them")
+    t_ok = text.text_valid & (text.text_to_image >= 0)
+    t_ok[t_ok] &= vision.image_valid[text.text_to_image[t_ok]]
+    t_rows = np.flatnonzero(t_ok)
+    img_of_text = text.text_to_image[t_rows]
+    images = np.unique(img_of_text)
+    new_image = {int(i): n for n, i in enumerate(images)}
+    captions_of: list[list[int]] = [[] for _ in images]
+    for j, i in enumerate(img_of_text):
+        captions_of[new_image[int(i)]].append(j)
+    return PairedFeatures(torch.from_numpy(vision.image_emb[images]),
+                          torch.from_numpy(text.text_emb[t_rows]),
+                          [torch.tensor(c) for c in captions_of])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _epoch_pairs(data: PairedFeatures, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """(image indices, caption indices): every image once, in random order with one random
+    caption when ``gen`` is given, else in order with its first caption (validation)."""
+    n = len(data.captions_of)
+    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+    if gen is None:
+        caps = torch.stack([data.captions_of[i][0] for i in order.tolist()])
+    else:
+        pick = torch.rand(n, generator=gen)
+        caps = torch.stack([data.captions_of[i][int(p * len(data.captions_of[i]))]
+                            for i, p in zip(order.tolist(), pick.tolist())])
+    return order, caps
+
+
+def _batches(n: int, batch_size: int) -> list[slice]:
+    """Slices of ``batch_size``; a last batch of fewer than 2 pairs is dropped (no negatives)."""
+    return [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size) if min(batch_size, n - s) >= 2]
+
+
+@torch.no_grad()
+def val_loss(heads: AlignHeads, data: PairedFeatures, batch_size: int) -> float:
+    """Mean contrastive loss over fixed batches of the val pairs (first caption of each image)."""
+    imgs, caps = _epoch_pairs(data, None)
+    losses = [contrastive_loss(heads.image(data.image_feat[imgs[b]]), heads.caption(data.text_feat[caps[b]]),
+                               heads.logit_scale()).item() for b in _batches(len(imgs), batch_size)]
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def train_heads(cfg: AlignConfig, train: PairedFeatures, val: PairedFeatures | None,
+                progress: bool | None = None) -> tuple[AlignHeads, dict[str, Any]]:
+    """Train the heads on cached features; return the heads (best val epoch) and the history."""
+    with torch_threads(cfg.threads):
+        return _train_heads(cfg, train, val, progress)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block on ``n`` torch threads (None: leave the setting alone), then restore it."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_heads(cfg: AlignConfig, train: PairedFeatures, val: PairedFeatures | None,
+                 progress: bool | None) -> tuple[AlignHeads, dict[str, Any]]:
+    torch.manual_seed(cfg.seed)
+    heads = AlignHeads(train.image_feat.shape[1], train.text_feat.shape[1], cfg.embed_dim, cfg.head,
+                       cfg.hidden_dim, cfg.init_logit_scale)
+    batches = _batches(len(train.captions_of), cfg.batch_size)
+    if not batches:
+        raise CacheError(f"align: the train split has {len(train.captions_of)} usable image-caption "
+                         "pair(s); at least 2 are needed for a contrastive loss")
+    opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(batches))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, float]] = []
+    best = (math.inf, -1, None)
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        imgs, caps = _epoch_pairs(train, gen)
+        total = 0.0
+        for b in batches:
+            loss = contrastive_loss(heads.image(train.image_feat[imgs[b]]),
+                                    heads.caption(train.text_feat[caps[b]]), heads.logit_scale())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        row = {"epoch": epoch, "train_loss": total / len(batches),
+               "logit_scale": heads.logit_scale().item()}
+        if val is not None:
+            row["val_loss"] = val_loss(heads, val, cfg.batch_size)
+            if row["val_loss"] < best[0]:
+                best = (row["val_loss"], epoch, {k: v.clone() for k, v in heads.state_dict().items()})
+        history.append(row)
+        if epoch % 20 == 0 or epoch == cfg.epochs - 1:
+            note(f"align {cfg.name}: epoch {epoch + 1}/{cfg.epochs} train loss {row['train_loss']:.4f}"
+                 + (f", val loss {row['val_loss']:.4f}" if "val_loss" in row else ""), progress)
+        if val is not None and epoch - best[1] >= cfg.patience:
+            break
+    if best[2] is not None:
+        heads.load_state_dict(best[2])
+    info = {"epochs_run": len(history), "best_epoch": best[1] if best[2] is not None else len(history) - 1,
+            "best_val_loss": None if best[2] is None else best[0],
+            "logit_scale": heads.logit_scale().item(), "seconds": round(time.perf_counter() - t0, 3),
+            "train_pairs": {"images": len(train.captions_of), "captions": len(train.text_feat)},
+            "val_pairs": None if val is None else {"images": len(val.captions_of), "captions": len(val.text_feat)},
+            "history": history}
+    return heads.eval(), info
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+
+def heads_sha256(heads: AlignHeads) -> str:
+    """sha256 of the heads' weights (names, dtypes, shapes, bytes)."""
+    from pipeline.teachers.base import state_dict_sha256
+
+    return state_dict_sha256(heads)
+
+
+def aligned_fingerprint(vision: dict[str, Any], text_fp: str, vision_fp: str, weights: str,
+                        head: dict[str, Any], embed_dim: int, logit_scale: float) -> dict[str, Any]:
+    """The aligned teacher's fingerprint fields, the same whether written by ``align`` from the
+    caches or computed by :class:`pipeline.teachers.aligned.AlignedTeacher` from the encoders:
+    both source teachers' fingerprints, the heads' weights and settings. ``vision``: the vision
+    teacher's fingerprint fields (its input pipeline is the aligned teacher's)."""
+    return {"teacher": "aligned", "model": None, "pretrained": None, "weights_sha256": weights,
+            "preprocess": vision.get("preprocess"), "embed_dim": int(embed_dim),
+            "logit_scale": float(logit_scale), "modalities": ["image", "text"],
+            "vision_teacher": vision_fp, "text_teacher": text_fp,
+            "head": {k: head[k] for k in ("head", "embed_dim", "hidden_dim")}}
+
+
+def save_heads(out: Path, heads: AlignHeads, spec: dict[str, Any]) -> None:
+    """``heads.safetensors`` then ``heads.json`` (each written atomically; the spec last, so a
+    spec always describes the weights beside it)."""
+    from safetensors.torch import save
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in heads.state_dict().items()}
+    write_durable(out / HEADS_FILE, save(tensors))
+    write_durable(out / HEADS_SPEC, json.dumps(spec, indent=2, sort_keys=True) + "\n")
+
+
+def load_heads(path: str | Path) -> tuple[AlignHeads, dict[str, Any]]:
+    """Heads and spec from a ``<heads_dir>/<name>`` folder written by ``align``."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / HEADS_SPEC).exists() or not (path / HEADS_FILE).exists():
+        raise CacheError(f"{path}: no aligned heads here ({HEADS_SPEC} + {HEADS_FILE}); run "
+                         "`distill align` first")
+    spec = json.loads((path / HEADS_SPEC).read_text())
+    heads = AlignHeads(**spec["heads_args"])
+    heads.load_state_dict(load_file(str(path / HEADS_FILE)))
+    if heads_sha256(heads) != spec["weights_sha256"]:
+        raise CacheError(f"{path / HEADS_FILE}: weights do not match {HEADS_SPEC} (sha256); the "
+                         "folder is damaged: rerun `distill align`")
+    return heads.eval(), spec
+
+
+# ----------------------------------------------------------------------------- writing stores
+
+
+@lru_cache(maxsize=8)
+def _source_group(path: str) -> zarr.Group:
+    return zarr.open_group(path, mode="r", zarr_format=3)
+
+
+@dataclass(frozen=True)
+class AlignWork:
+    """The computation of one unit: rows of a source store through one head (pure, picklable)."""
+
+    sources: dict[str, tuple[str, str]]     # split -> (vision store, text store)
+    heads_args: dict[str, Any]
+    heads_state: dict[str, np.ndarray]
+
+    def _heads(self) -> AlignHeads:
+        heads = AlignHeads(**self.heads_args)
+        heads.load_state_dict({k: torch.from_numpy(v) for k, v in self.heads_state.items()})
+        return heads.eval()
+
+    def compute(self, unit: Unit) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        vision_path, text_path = self.sources[unit.split]
+        kind = unit.part
+        src = _source_group(vision_path if kind == "image" else text_path)
+        rows = slice(unit.start, unit.stop)
+        status = src[f"{kind}_status"][rows]
+        feat = torch.from_numpy(src[f"{kind}_emb"][rows].astype(np.float32))
+        valid = torch.from_numpy(status == ROW_VALID)
+        heads = self._heads()
+        with torch.no_grad():
+            emb = (heads.image if kind == "image" else heads.caption)(torch.nan_to_num(feat))
+        emb[~valid] = 0.0  # invalid rows hold zeros, as `teach` writes them
+        arrays = {f"{kind}_id": read_strings(src[f"{kind}_id"][rows]), f"{kind}_status": status,
+                  f"{kind}_emb": emb.numpy().astype(np.float16)}
+        if kind == "text":
+            arrays["text_to_image"] = src["text_to_image"][rows]
+        return arrays, {"forward_calls": 0}
+
+
+def plan_align(cfg: AlignConfig, pairs: dict[str, SourcePair], heads: AlignHeads,
+               spec: dict[str, Any]) -> StoreJob:
+    """The write job: one teacher store per split, image units then text units."""
+    layout = Layout(cfg.rows_per_shard, cfg.rows_per_chunk)
+    teacher_fp = spec["teacher"]
+    stores, units = {}, []
+    for split, pair in pairs.items():
+        attrs = teacher_store_attrs(teacher_fp, pair.dataset_fingerprint, split,
+                                    frozenset({"image", "text"}), cfg.embed_dim, spec["logit_scale"],
+                                    pair.n_images, pair.n_texts, layout,
+                                    compute={"device": "cpu", "torch": torch.__version__, "autocast": "none"},
+                                    on_bad_image="skip")
+        stores[f"{split}.zarr"] = StoreSpec(teacher_format.FORMAT, attrs, dict(
+            n_images=pair.n_images, n_texts=pair.n_texts, embed_dim=cfg.embed_dim,
+            modalities=frozenset({"image", "text"}), layout=layout))
+        units += shard_units(split, "image", pair.n_images, cfg.rows_per_shard)
+        units += shard_units(split, "text", pair.n_texts, cfg.rows_per_shard)
+    run_fp = fingerprint({"teacher": teacher_fp, "layout": [cfg.rows_per_shard, cfg.rows_per_chunk],
+                          "datasets": {s: p.dataset_fingerprint for s, p in pairs.items()},
+                          "package": __version__})
+    work = AlignWork({s: (str(p.vision.resolve()), str(p.text.resolve())) for s, p in pairs.items()},
+                     heads.args, {k: v.detach().numpy().copy() for k, v in heads.state_dict().items()})
+    return StoreJob(f"align {cfg.name}", Path(cfg.cache_root).resolve() / cfg.name, run_fp, stores,
+                    units, work)
+
+
+def run_align(cfg: AlignConfig, entries: dict[str, Any] | None = None,
+              progress: bool | None = None) -> dict[str, Any]:
+    """Train the heads on the source caches, save them, and write the aligned teacher's stores.
+
+    ``entries``: the source teachers' params entries ({"vision": TeacherEntry, "text": ...}),
+    recorded with the heads so the ``aligned`` teacher can rebuild its encoders; no encoder is
+    built or run here. Returns the run summary (also written to ``<summary_dir>/<name>.json``).
+    """
+    t0 = time.perf_counter()
+    check_executor(cfg.executor, cfg.dask, "align")
+    out = Path(cfg.cache_root) / cfg.name
+    # one lock over training, the heads and the stores: a concurrent run on this output is
+    # refused before it trains (the store runner takes the same lock again)
+    with output_lock(out, f"`distill align {cfg.name}`"):
+        pairs = source_pairs(cfg)
+        train = paired_features(pairs[cfg.train_split])
+        val = None
+        if cfg.val_split is not None and cfg.val_split != cfg.train_split:
+            if cfg.val_split in pairs:
+                val = paired_features(pairs[cfg.val_split])
+            else:
+                log.warning("align: no caches of the val split %r; training all %d epochs", cfg.val_split, cfg.epochs)
+        note(f"align {cfg.name}: {len(train.captions_of)} train images, {len(train.text_feat)} captions "
+             f"({cfg.vision} + {cfg.text}, {cfg.head} heads)", progress)
+        heads, info = train_heads(cfg, train, val, progress)
+        vision_attrs = _source_attrs(pairs[cfg.train_split].vision, "image", "vision")
+        text_attrs = _source_attrs(pairs[cfg.train_split].text, "text", "text")
+        weights = heads_sha256(heads)
+        teacher_fp = aligned_fingerprint(vision_attrs["teacher"], text_attrs["teacher_fingerprint"],
+                                         vision_attrs["teacher_fingerprint"], weights, heads.args,
+                                         cfg.embed_dim, info["logit_scale"])
+        spec = {"heads_args": heads.args, "weights_sha256": weights, "logit_scale": info["logit_scale"],
+                "teacher": teacher_fp, "teacher_fingerprint": fingerprint(teacher_fp),
+                "vision": {"name": cfg.vision, "teacher_fingerprint": vision_attrs["teacher_fingerprint"],
+                           "entry": _entry(entries, "vision")},
+                "text": {"name": cfg.text, "teacher_fingerprint": text_attrs["teacher_fingerprint"],
+                         "entry": _entry(entries, "text")},
+                "config": {k: v for k, v in asdict(cfg).items() if k not in ("executor", "dask")}}
+        save_heads(Path(cfg.heads_dir) / cfg.name, heads, spec)
+        with open_executor(cfg.executor, cfg.dask, "align") as executor:
+            job, result = run_store_stage(out, f"`distill align {cfg.name}`",
+                                          lambda: plan_align(cfg, pairs, heads, spec), executor, progress)
+        summary = {"teacher": cfg.name, "teacher_fingerprint": spec["teacher_fingerprint"],
+                   "sources": {"vision": cfg.vision, "text": cfg.text}, "splits": sorted(pairs),
+                   "up_to_date": result.up_to_date, **result.counters(), "forward_calls": 0,
+                   **{k: v for k, v in info.items() if k != "history"},
+                   "seconds": round(time.perf_counter() - t0, 3)}
+        summary_dir = Path(cfg.summary_dir)
+        summary_dir.mkdir(parents=True, exist_ok=True)
+        (summary_dir / f"{cfg.name}.json").write_text(
+            json.dumps(summary | {"history": info["history"]}, indent=2, sort_keys=True) + "\n")
+        return summary
+
+
+def _entry(entries: dict[str, Any] | None, role: str) -> dict[str, Any] | None:
+    entry = (entries or {}).get(role)
+    return None if entry is None else {"teacher": entry.teacher, "kwargs": dict(entry.kwargs)}
