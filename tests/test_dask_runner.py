@@ -200,8 +200,8 @@ def test_killed_driver_resumes_on_dask_with_only_unfinished_units(make_dataset, 
 
 def dvc_project(path: Path, executor_params: dict) -> Path:
     """A git + DVC project of the repository's pipeline with tiny parameters (as in
-    tests/test_dvc_pipeline.py), with ``executor_params`` merged into the teach, neighbors and
-    itm sections."""
+    tests/test_dvc_pipeline.py), with ``executor_params`` merged into the teach, align, neighbors
+    and itm sections."""
     import shutil
 
     path.mkdir()
@@ -209,7 +209,7 @@ def dvc_project(path: Path, executor_params: dict) -> Path:
         shutil.copytree(REPO / name, path / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", path / "dvc.yaml")
     params = tiny_params()
-    for section in ("teach", "neighbors", "itm"):
+    for section in ("teach", "align", "neighbors", "itm"):
         params[section].update(executor_params)
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     write_raw_folder(path / "raw")
@@ -226,15 +226,15 @@ def store_hashes(project: Path) -> dict[str, str]:
 
 
 def test_dvc_repro_with_dask_executor_gives_the_in_process_hashes(tmp_path, on_cluster):
-    targets = ["itm"]  # and what it depends on: prepare, teach@tiny_clip, neighbors
+    targets = ["itm"]  # and what it depends on: prepare, two teachers, align, neighbors
     serial = dvc_project(tmp_path / "serial", {"executor": "inprocess"})
     assert "itm" in stages_run(run(["dvc", "repro", *targets], serial))
     on_dask = dvc_project(tmp_path / "dask", {"executor": "dask",
                                               "dask": {"scheduler": on_cluster.scheduler,
                                                        "torch_threads": 1}})
     assert stages_run(run(["dvc", "repro", *targets], on_dask)) == {
-        "prepare", "teach@tiny_clip", "neighbors", "itm"}
+        "prepare", "teach@tiny_clip", "teach@tiny_vision", "align", "neighbors", "itm"}
     hashes = store_hashes(on_dask)
-    assert len(hashes) == 3 and hashes == store_hashes(serial)
+    assert len(hashes) == 5 and hashes == store_hashes(serial)
     summary = yaml.safe_load((on_dask / "reports/teach/tiny_clip.json").read_text())
     assert summary["executor"] == "dask" and summary["units_computed"] > 0

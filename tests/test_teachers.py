@@ -71,8 +71,8 @@ def teacher(request) -> Teacher:
 
 # ------------------------------------------------------------ every teacher
 def test_registry_lists_all_teachers():
-    assert list_teachers() == ["blip_itm", "demo_clip", "efficientnet_lite", "hf_text", "open_clip",
-                               "timm_vision"]
+    assert list_teachers() == ["aligned", "blip_itm", "demo_clip", "efficientnet_lite", "hf_text",
+                               "open_clip", "timm_vision"]
 
 
 def test_unknown_teacher_lists_known_names():
