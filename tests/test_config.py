@@ -95,7 +95,7 @@ REFUSED = [
     ("itm", "batch_size", 0, "itm.batch_size: must be >= 1, got 0"),
     ("prepare", "test_percent", 101, "prepare.test_percent: must be <= 100, got 101"),
     ("prepare", "val_percent", 95, "prepare.test_percent + prepare.val_percent must be <= 100, got 10 + 95"),
-    ("prepare", "source", "flickr", "prepare.source: 'flickr' is not one of ['demo', 'folder', 'coco', 'refcoco', 'grounding_wds']"),
+    ("prepare", "source", "flickr", "prepare.source: 'flickr' is not one of ['demo', 'folder', 'coco', 'flickr30k', 'webdataset', 'refcoco', 'grounding_wds']"),
     ("evaluate", "ks", [1, 0], "evaluate.ks[1]: must be >= 1, got 0"),
     ("evaluate", "latency_repeats", 0, "evaluate.latency_repeats: must be >= 1, got 0"),
 ]

@@ -256,3 +256,134 @@ def test_killed_prepare_leftovers_are_removed_by_the_next_run(tmp_path: Path) ->
     live.mkdir()
     prepare(PrepareConfig(source="folder", src=str(src), out=str(out)))
     assert sorted(os.listdir(tmp_path / "data")) == sorted(["ds", live.name])
+
+
+# ----------------------------------------------------------------------------- webdataset, flickr30k
+
+
+def _img2dataset_shards(folder: Path, n_shards: int = 3, per_shard: int = 5) -> dict[str, tuple]:
+    """Shards laid out as img2dataset writes them, written by webdataset's own ShardWriter:
+    ``.jpg`` + ``.txt`` + ``.json`` (its ``caption`` and other fields), a ``.parquet`` and
+    ``_stats.json`` beside each shard; some samples carry their caption in the json only.
+    Returns key -> (captions, category, sha256 of the jpeg)."""
+    import hashlib
+
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    expected = {}
+    with wds.ShardWriter(str(folder / "%05d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for s in range(n_shards):
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                jpg, caption, category = jpeg_bytes(s * 100 + i), f"drawing {s} {i}", ["cat", "dog"][i % 2]
+                sample = {"__key__": key, "jpg": jpg,
+                          "json": {"url": f"https://example.com/{key}.jpg", "caption": caption,
+                                   "category": category, "key": key, "status": "success"}}
+                if i % 3:  # img2dataset writes the caption to .txt too; some sources only to json
+                    sample["txt"] = caption
+                sink.write(sample)
+                expected[key] = ((caption,), category, hashlib.sha256(jpg).hexdigest())
+    for s in range(n_shards):
+        (folder / f"{s:05d}.parquet").write_bytes(b"PAR1 not a shard")
+        (folder / f"{s:05d}_stats.json").write_text("{}")
+    assert len(list(folder.glob("*.tar"))) == n_shards
+    return expected
+
+
+def test_webdataset_hash_split_reshards_by_key(tmp_path: Path) -> None:
+    import hashlib
+
+    expected = _img2dataset_shards(tmp_path / "wds")
+    cfg = PrepareConfig(source="webdataset", src=str(tmp_path / "wds"), out=str(tmp_path / "out"),
+                        split="hash", label_key="category", shard_size=4, test_percent=30, val_percent=20)
+    summary = prepare(cfg)
+    assert summary["shards_read"] == 3 and summary["n_images"] == 15
+    seen = {}
+    for split in SPLITS:
+        manifest = load_manifest(tmp_path / "out" / split, verify=True)
+        for sample in iter_samples(manifest, decode_images=False):
+            key = sample.sample_id.split("/")[1]
+            assert hash_split(key, cfg.salt, cfg.test_percent, cfg.val_percent) == split
+            seen[key] = (sample.captions, sample.label)
+        for shard in manifest.shards:  # image bytes copied as they are
+            for key, files in iter_raw(tmp_path / "out" / split / shard.name):
+                assert hashlib.sha256(files["jpg"]).hexdigest() == expected[key][2]
+    assert seen == {k: (caps, cat) for k, (caps, cat, _) in expected.items()}
+    assert not list((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_webdataset_split_none_lists_the_shards_in_place(tmp_path: Path) -> None:
+    import hashlib
+
+    expected = _img2dataset_shards(tmp_path / "wds")
+    shards = sorted((tmp_path / "wds").glob("*.tar"))
+    cfg = PrepareConfig(source="webdataset", src=str(tmp_path / "wds" / "*.tar"), out=str(tmp_path / "out"),
+                        split="none", single_split="train")
+    summary = prepare(cfg)
+    assert summary["splits"]["train"]["copied"] is False
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["train"]
+    assert not list((tmp_path / "out").rglob("*.tar"))  # nothing copied
+    manifest = load_manifest(tmp_path / "out" / "train", verify=True)
+    assert [(s.name, s.bytes, s.sha256) for s in manifest.shards] == [
+        (p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()) for p in shards]
+    samples = list(iter_samples(manifest, decode_images=False))
+    assert {s.sample_id.split("/")[1]: s.captions for s in samples} == {k: v[0] for k, v in expected.items()}
+    # teach reads the shards where they are
+    from pipeline.cache import TeacherCache
+    from pipeline.teach import TeachConfig, TeacherEntry, run_teach
+    from tests.conftest import TINY_CLIP_CFG
+
+    teach = TeachConfig(dataset=str(tmp_path / "out"), splits=("train",), out_root=str(tmp_path / "caches"),
+                        rows_per_shard=16, rows_per_chunk=8, summary_dir=str(tmp_path / "reports"))
+    run_teach(teach, "tiny", entry=TeacherEntry("open_clip", {"model_cfg": TINY_CLIP_CFG, "pretrained": None}),
+              progress=False)
+    cache = TeacherCache.open(tmp_path / "caches/tiny/train.zarr", expect_dataset=manifest.fingerprint)
+    assert sorted(cache.image_ids) == sorted(f"{p.name}/{k}" for p in shards for k in expected if k[:5] == p.stem)
+    # a list file and a shards list name the same shards
+    (tmp_path / "list.txt").write_text("\n".join(f"file://{p}" for p in shards) + "\n")
+    for other in (PrepareConfig(source="webdataset", src=str(tmp_path / "list.txt"), split="none",
+                                out=str(tmp_path / "out2")),
+                  PrepareConfig(source="webdataset", shards=tuple(str(p) for p in shards), split="none",
+                                out=str(tmp_path / "out3"), src="unused")):
+        prepare(other)
+        assert load_manifest(Path(other.out) / "train").fingerprint == manifest.fingerprint
+
+
+def test_webdataset_sample_without_caption_names_shard_and_key(tmp_path: Path) -> None:
+    from pipeline.errors import ShardError
+    from tests._data_helpers import write_tar
+
+    (tmp_path / "wds").mkdir()
+    write_tar(tmp_path / "wds" / "00000.tar", [("a1.jpg", jpeg_bytes(1)), ("a1.txt", b"ok"),
+                                               ("a2.jpg", jpeg_bytes(2)), ("a2.json", b'{"url": "x"}')])
+    for split in ("hash", "none"):
+        with pytest.raises(ShardError, match=r"shard 00000.tar, key 'a2': sample has no caption"):
+            prepare(PrepareConfig(source="webdataset", src=str(tmp_path / "wds"), split=split,
+                                  out=str(tmp_path / "out")))
+        assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="label_key"):
+        PrepareConfig(source="webdataset", split="none", label_key="category")
+    with pytest.raises(ConfigError, match="source 'webdataset' only"):
+        PrepareConfig(source="folder", split="none")
+
+
+def test_flickr30k_karpathy_split(tmp_path: Path) -> None:
+    src = tmp_path / "flickr30k-images"
+    src.mkdir()
+    images = []
+    for i in range(8):
+        name = f"{1000 + i}.jpg"
+        (src / name).write_bytes(jpeg_bytes(i))
+        images.append({"filename": name, "imgid": i, "split": ["train", "val", "test", "train"][i % 4],
+                       "sentences": [{"raw": f"person {i} number {c} ", "tokens": []} for c in range(5)],
+                       "sentids": list(range(5 * i, 5 * i + 5))})
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images, "dataset": "flickr30k"}))
+    cfg = PrepareConfig(source="flickr30k", src=str(src), out=str(tmp_path / "out"),
+                        split_file=str(tmp_path / "dataset_flickr30k.json"))
+    prepare(cfg)
+    rows = _read_out(tmp_path / "out")
+    assert {r[0]: split for split, rs in rows.items() for r in rs} == {im["filename"]: im["split"] for im in images}
+    assert rows["test"][0][2] == tuple(f"person 2 number {c}" for c in range(5))
+    with pytest.raises(ConfigError, match="dataset_flickr30k.json"):
+        PrepareConfig(source="flickr30k", src=str(src))

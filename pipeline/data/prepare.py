@@ -15,6 +15,12 @@ Sources (``PrepareConfig.source``):
   e.g. ``src/val2014/<file_name>``), optionally a Karpathy split file (``dataset_coco.json``:
   ``images`` with ``filename``, ``filepath``, ``split`` and ``sentences[].raw``); Karpathy
   ``restval`` counts as train. Without an annotations file the Karpathy sentences are the captions.
+* ``flickr30k``: Flickr30k in its Karpathy split file (``dataset_flickr30k.json``, the layout of
+  ``dataset_coco.json`` without ``filepath``) with the images under ``src``
+  (``flickr30k-images/``); the file's splits are kept (1,000 test images, 5 captions each).
+* ``webdataset``: shards as users have them (img2dataset output: ``.jpg``/``.png``/``.webp``,
+  captions from ``.txt`` or json ``caption``/``captions``), listed in place (``split: none``) or
+  hash-split into new shards (``split: hash``); see :mod:`pipeline.data.wds_source`.
 * ``demo``: the shipped emoji shards in ``src`` (default ``demo/emoji``), re-split.
 * ``refcoco``, ``grounding_wds``: visual grounding annotations (RefCOCO-style refs + instances,
   or WebDataset shards with ``expressions`` and boxes); see :mod:`pipeline.grounding.data`.
@@ -25,7 +31,7 @@ Split rule (used unless a Karpathy split file names the split)::
     split = "test" if h < test_percent else "val" if h < test_percent + val_percent else "train"
 
 ``source_id`` is the image path relative to ``src`` (folder, coco) or the shard key of the demo
-sample. The split depends only on the sample itself, so adding samples never moves existing ones.
+or webdataset sample. The split depends only on the sample itself, so adding samples never moves existing ones.
 Samples are written in ``source_id`` order; image bytes are copied as they are.
 """
 from __future__ import annotations
@@ -57,9 +63,10 @@ SPLITS = ("train", "val", "test")
 class PrepareConfig:
     """Parameters of ``distill prepare`` (section ``prepare`` of params.yaml)."""
 
-    source: Literal["demo", "folder", "coco", "refcoco", "grounding_wds"] = "demo"  # kind of input,
-                                                                             # see module docstring
-    src: str = "demo/emoji"  # demo: shard folder; folder/coco: folder holding the images
+    source: Literal["demo", "folder", "coco", "flickr30k", "webdataset", "refcoco",
+                    "grounding_wds"] = "demo"  # kind of input, see module docstring
+    src: str = "demo/emoji"  # demo: shard folder; folder/coco/flickr30k: folder holding the images;
+                             # webdataset: shard folder, pattern, list file (.txt), URL or pipe:
     out: str = "data/emoji"  # output root; gets train/ val/ test/ dataset directories
     shard_size: int = setting(1000, minimum=1)  # max samples per output shard
     test_percent: int = setting(10, minimum=0, maximum=100)  # share of samples hashed into test
@@ -67,10 +74,22 @@ class PrepareConfig:
     salt: str = "split-v1"  # mixed into the split hash; change it to draw a different split
     captions_file: str | None = None  # folder: CSV/JSONL path; None -> src/captions.{csv,jsonl}
     annotations_file: str | None = None  # coco: captions_*.json (COCO format); refcoco: instances.json
-    split_file: str | None = None  # coco: Karpathy dataset_coco.json, None -> hash rule; refcoco: refs(*).p
+    split_file: str | None = None  # coco: Karpathy dataset_coco.json, None -> hash rule; flickr30k:
+                                   # Karpathy dataset_flickr30k.json (required); refcoco: refs(*).p
+    split: Literal["hash", "none"] = "hash"  # webdataset: hash = re-shard into train/val/test by the
+                                   # split rule; none = no copy, the shards as they are form one split
+    single_split: str = setting("train", pattern=r"train|val|test")  # webdataset, split none: its name
+    shards: tuple[str, ...] = ()   # webdataset: shard paths or URLs (instead of src)
+    label_key: str | None = None   # webdataset: json field holding the label (None: "label")
 
     def __post_init__(self) -> None:
         check_settings(self, "prepare")
+        from pipeline.data.wds_source import check_settings as check_webdataset
+
+        check_webdataset(self)
+        if self.source == "flickr30k" and not self.split_file:
+            raise ConfigError("prepare.split_file: source 'flickr30k' needs the Karpathy split file "
+                              "dataset_flickr30k.json (from the Karpathy splits archive)")
         if self.test_percent + self.val_percent > 100:
             raise ConfigError("prepare.test_percent + prepare.val_percent must be <= 100, got "
                               f"{self.test_percent} + {self.val_percent}")
@@ -103,6 +122,10 @@ def prepare(cfg: PrepareConfig, progress: bool | None = None) -> dict[str, Any]:
 
     progress: see :func:`pipeline.progress.progress_task` (None = a bar on a terminal, else lines).
     """
+    if cfg.source == "webdataset":
+        from pipeline.data.wds_source import prepare_webdataset
+
+        return prepare_webdataset(cfg, progress) | {"config": dataclasses.asdict(cfg)}
     note(f"prepare: reading the {cfg.source} source {cfg.src}", progress)
     samples = sorted(_read_source(cfg), key=lambda s: s.source_id)
     _check_samples(samples)
@@ -231,7 +254,7 @@ def _write_split(rows: list[RawSample], out_dir: Path, split: str, shard_size: i
 def _read_source(cfg: PrepareConfig) -> list[RawSample]:
     from pipeline.grounding.data import read_grounding_wds, read_refcoco
 
-    readers = {"demo": _read_demo, "folder": _read_folder, "coco": _read_coco,
+    readers = {"demo": _read_demo, "folder": _read_folder, "coco": _read_coco, "flickr30k": _read_coco,
                "refcoco": read_refcoco, "grounding_wds": read_grounding_wds}
     if cfg.source not in readers:
         raise ConfigError(f"prepare.source: unknown source {cfg.source!r}; known: {sorted(readers)}")

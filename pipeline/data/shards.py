@@ -308,15 +308,22 @@ def _image_ext(shard: str, key: str, group: dict[str, tarfile.TarInfo]) -> str:
 def _text_fields(tar: tarfile.TarFile, group: dict[str, tarfile.TarInfo], shard: str,
                  key: str) -> tuple[tuple[str, ...], str | None]:
     """Captions and label of one sample (see module docstring for the precedence)."""
+    files = {ext: _read(tar, group[ext], shard) for ext in ("json", "txt") if ext in group}
+    return parse_text_fields(files, shard, key)
+
+
+def parse_text_fields(files: dict[str, bytes], shard: str, key: str) -> tuple[tuple[str, ...], str | None]:
+    """Captions and label from a sample's ``json``/``txt`` bytes (the module docstring's rules);
+    a sample without a caption is a :class:`ShardError` naming the shard and key."""
     meta: dict[str, Any] = {}
-    if "json" in group:
+    if "json" in files:
         try:
-            meta = json.loads(_read(tar, group["json"], shard))
+            meta = json.loads(files["json"])
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ShardError(f"shard {shard}, key {key!r}: unreadable {key}.json ({exc}); {_RERUN}") from None
         if not isinstance(meta, dict):
             raise ShardError(f"shard {shard}, key {key!r}: {key}.json is not an object; {_RERUN}")
-    captions = _captions(tar, group, meta, shard, key)
+    captions = _captions(files.get("txt"), meta, shard, key)
     if not captions:
         raise ShardError(f"shard {shard}, key {key!r}: sample has no caption (need json 'captions', "
                          f"a .txt file or json 'caption'); {_RERUN}")
@@ -324,15 +331,14 @@ def _text_fields(tar: tarfile.TarFile, group: dict[str, tarfile.TarInfo], shard:
     return captions, None if label is None else str(label)
 
 
-def _captions(tar: tarfile.TarFile, group: dict[str, tarfile.TarInfo], meta: dict[str, Any],
-              shard: str, key: str) -> tuple[str, ...]:
+def _captions(txt: bytes | None, meta: dict[str, Any], shard: str, key: str) -> tuple[str, ...]:
     if isinstance(meta.get("captions"), list):
         raw = [str(c) for c in meta["captions"]]
     elif isinstance(meta.get("expressions"), list):  # grounding samples: expressions are captions
         raw = [str(c) for c in meta["expressions"]]
-    elif "txt" in group:
+    elif txt is not None:
         try:
-            raw = _read(tar, group["txt"], shard).decode("utf-8").splitlines()
+            raw = txt.decode("utf-8").splitlines()
         except UnicodeDecodeError as exc:
             raise ShardError(f"shard {shard}, key {key!r}: {key}.txt is not UTF-8 ({exc}); {_RERUN}") from None
     elif isinstance(meta.get("caption"), str):
