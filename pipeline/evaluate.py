@@ -5,8 +5,8 @@ same split. Both are scored on the same rows: cache rows are joined to shard sam
 stable ids, and an image is kept only when the student could decode it AND the cache marks it
 valid; a caption is kept only when its image is kept and the cache marks the caption valid.
 
-Outputs: ``metrics.json`` (numbers only, nested by model and section, which ``dvc metrics show``
-flattens), Recall@K curves as CSV for ``dvc plots``, a Markdown report, and a self-contained HTML
+Outputs: ``metrics.json`` (numbers nested by model and section, which ``dvc metrics show``
+flattens, and under ``unavailable`` why a metric has no value), Recall@K curves as CSV for ``dvc plots``, a Markdown report, and a self-contained HTML
 report with plots and a retrieval gallery. The work is split by concern: scoring in
 :mod:`pipeline.evaluation.scoring`, efficiency probes in :mod:`pipeline.evaluation.efficiency`,
 outputs in :mod:`pipeline.evaluation.report` and :mod:`pipeline.evaluation.html_report`; this
@@ -104,6 +104,8 @@ def evaluate(cfg: EvalConfig, progress: bool | None = None) -> dict[str, Any]:
     student_scores = score_embeddings(split.image_emb[rows.image_rows], split.text_emb[rows.text_rows],
                                       rows.text_to_image, labels, cfg)
     metrics: dict[str, Any] = {"student": student_scores.metrics}
+    if student_scores.unavailable:  # in words, not a bare null (same rows for the teacher)
+        metrics["unavailable"] = student_scores.unavailable
     curves = {"student": student_scores.curves}
     if cache is not None:
         teacher_scores = score_teacher(cache, rows, labels, cfg)

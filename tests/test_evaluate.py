@@ -267,3 +267,23 @@ def test_evaluate_on_cuda_matches_cpu(eval_setup: EvalConfig):
         assert gpu["student"][key] == pytest.approx(value, abs=1e-6), key
     assert gpu["efficiency"]["student"]["cuda_peak_mb"] > 0
     assert gpu["efficiency"]["teacher"]["image_ms_per_item_b4"] > 0
+
+
+def test_ndcg_without_relevant_items_says_why(eval_setup: EvalConfig):
+    from pipeline.evaluation.report import _quality_table
+    from pipeline.evaluation.scoring import score_embeddings
+
+    rng = np.random.default_rng(0)
+    image_emb, text_emb = rng.standard_normal((6, 8)), rng.standard_normal((6, 8))
+    one_caption = np.arange(6)  # one caption per image, no labels: no query has a relevant item
+    scores = score_embeddings(image_emb, text_emb, one_caption, [None] * 6, eval_setup)
+    assert set(scores.unavailable) == {"i2i_ndcg@10", "t2t_ndcg@10"}
+    assert "no labels" in scores.unavailable["i2i_ndcg@10"]
+    assert "one caption" in scores.unavailable["t2t_ndcg@10"]
+    assert not np.isfinite(scores.metrics["i2i_ndcg@10"])
+    table = "\n".join(_quality_table({"student": scores.metrics, "unavailable": scores.unavailable}))
+    assert "i2i_ndcg@10 has no value (–): no test image has a relevant other image" in table
+    # two captions per image: text->text has relevant items; two images sharing a label: i2i too
+    labelled = score_embeddings(image_emb, np.vstack([text_emb, text_emb]), np.tile(one_caption, 2),
+                                ["a", "a", None, None, None, None], eval_setup)
+    assert labelled.unavailable == {} and np.isfinite(labelled.metrics["t2t_ndcg@10"])

@@ -174,7 +174,9 @@ def _quality_html(metrics: dict[str, Any]) -> str:
     pct = metrics.get("pct_of_teacher", {})
     rows = [[key, fmt(v, 4 if "ndcg" in key else 2), fmt(teacher.get(key), 4 if "ndcg" in key else 2),
              fmt(pct.get(key), 1)] for key, v in student.items()]
-    return _table(["metric", "student", "teacher", "student % of teacher"], rows)
+    why = "".join(f"<p class=note>{_e(key)} has no value (–): {_e(text)}.</p>"
+                  for key, text in metrics.get("unavailable", {}).items())
+    return _table(["metric", "student", "teacher", "student % of teacher"], rows) + why
 
 
 def _efficiency_html(metrics: dict[str, Any], cfg: EvalConfig) -> str:

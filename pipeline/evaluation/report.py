@@ -75,6 +75,8 @@ def _quality_table(metrics: dict[str, Any]) -> list[str]:
         digits = 4 if "ndcg" in key else 2
         lines.append(f"| {key} | {fmt(value, digits)} | {fmt(teacher.get(key), digits)} "
                      f"| {fmt(pct.get(key), 1)} |")
+    for key, why in metrics.get("unavailable", {}).items():
+        lines += ["", f"{key} has no value (–): {why}."]
     return lines
 
 

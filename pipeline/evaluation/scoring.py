@@ -152,6 +152,30 @@ class Scores:
     metrics: dict[str, float]
     counts: dict[str, int]
     curves: dict[str, np.ndarray]
+    unavailable: dict[str, str] = field(default_factory=dict)  # metric -> why it has no value
+
+
+# Why a single-modal NDCG has no value: no query has a relevant item (README "Evaluation").
+NDCG_UNAVAILABLE = {
+    "i2i": ("no test image has a relevant other image: image→image relevance comes from labels "
+            "(two images are relevant when they share a label), and {why}. Give each sample a "
+            "label (e.g. json[\"label\"]) to get it"),
+    "t2t": ("no test caption has a relevant other caption: text→text relevance comes from captions "
+            "of the same image or of images sharing a label, and {why}. Several captions per "
+            "image, or labels, give it"),
+}
+
+
+def _ndcg_gap(direction: str, labels: list[str | None], text_to_image: np.ndarray) -> str:
+    """The sentence saying why ``direction``'s NDCG has no query with a relevant item."""
+    labelled = [lab for lab in labels if lab is not None]
+    if not labelled:
+        why = "the split has no labels"
+    else:
+        why = "no two scored images share a label"
+    if direction == "t2t" and len(text_to_image) and np.bincount(text_to_image).max() <= 1:
+        why += " and each image has one caption"
+    return NDCG_UNAVAILABLE[direction].format(why=why)
 
 
 def score_embeddings(image_emb: np.ndarray | None, text_emb: np.ndarray | None,
@@ -177,7 +201,9 @@ def score_embeddings(image_emb: np.ndarray | None, text_emb: np.ndarray | None,
         nd = M.ndcg_text_to_text(text_emb, text_to_image, labels, k=k, block_rows=cfg.block_rows)
         out[f"t2t_ndcg@{k}"] = nd[f"ndcg@{k}"]
         counts.update(t2t_ndcg_queries=nd["n_queries"], t2t_ndcg_excluded=nd["n_excluded"])
-    return Scores(out, counts, curves)
+    unavailable = {f"{d}_ndcg@{k}": _ndcg_gap(d, labels, np.asarray(text_to_image))
+                   for d in ("i2i", "t2t") if f"{d}_ndcg@{k}" in out and counts[f"{d}_ndcg_queries"] == 0}
+    return Scores(out, counts, curves, unavailable)
 
 
 def pct_of_teacher(student: dict[str, float], teacher: dict[str, float]) -> dict[str, float]:
