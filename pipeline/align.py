@@ -24,11 +24,9 @@ import json
 import logging
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,6 +38,7 @@ from pipeline import __version__
 from pipeline.cache import (ROW_VALID, Layout, TeacherCache, open_group_checked, raise_faults,
                             read_strings, structure_faults, teacher_store_attrs)
 from pipeline.config import check_settings, setting
+from pipeline.devices import torch_threads
 from pipeline.errors import CacheError, ConfigError
 from pipeline.executors import DaskConfig, ExecutorName, check_executor, open_executor
 from pipeline.fingerprint import fingerprint
@@ -197,11 +196,17 @@ def source_pairs(cfg: AlignConfig) -> dict[str, SourcePair]:
 
 @dataclass
 class PairedFeatures:
-    """One split's cached features: every image with at least one valid caption, and its captions."""
+    """One split's cached features: every image with at least one valid caption, and its captions
+    (those of image n are ``text_feat[first_caption[n] : first_caption[n] + n_captions[n]]``)."""
 
     image_feat: Tensor          # [N, Dv] float32, valid images with a valid caption
-    text_feat: Tensor           # [M, Dt] float32, their valid captions
-    captions_of: list[Tensor]   # image n -> indices into text_feat
+    text_feat: Tensor           # [M, Dt] float32, their valid captions, grouped by image
+    first_caption: Tensor       # [N] int64
+    n_captions: Tensor          # [N] int64, >= 1
+
+    @property
+    def n_images(self) -> int:
+        return len(self.first_caption)
 
 
 def paired_features(pair: SourcePair) -> PairedFeatures:
@@ -215,15 +220,10 @@ def paired_features(pair: SourcePair) -> PairedFeatures:
     t_ok = text.text_valid & (text.text_to_image >= 0)
     t_ok[t_ok] &= vision.image_valid[text.text_to_image[t_ok]]
     t_rows = np.flatnonzero(t_ok)
-    img_of_text = text.text_to_image[t_rows]
-    images = np.unique(img_of_text)
-    new_image = {int(i): n for n, i in enumerate(images)}
-    captions_of: list[list[int]] = [[] for _ in images]
-    for j, i in enumerate(img_of_text):
-        captions_of[new_image[int(i)]].append(j)
-    return PairedFeatures(torch.from_numpy(vision.image_emb[images]),
-                          torch.from_numpy(text.text_emb[t_rows]),
-                          [torch.tensor(c) for c in captions_of])
+    t_rows = t_rows[np.argsort(text.text_to_image[t_rows], kind="stable")]  # grouped by image
+    images, first, counts = np.unique(text.text_to_image[t_rows], return_index=True, return_counts=True)
+    return PairedFeatures(torch.from_numpy(vision.image_emb[images]), torch.from_numpy(text.text_emb[t_rows]),
+                          torch.from_numpy(first.astype(np.int64)), torch.from_numpy(counts.astype(np.int64)))
 
 
 # ----------------------------------------------------------------------------- training
@@ -232,15 +232,12 @@ def paired_features(pair: SourcePair) -> PairedFeatures:
 def _epoch_pairs(data: PairedFeatures, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """(image indices, caption indices): every image once, in random order with one random
     caption when ``gen`` is given, else in order with its first caption (validation)."""
-    n = len(data.captions_of)
-    order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
     if gen is None:
-        caps = torch.stack([data.captions_of[i][0] for i in order.tolist()])
-    else:
-        pick = torch.rand(n, generator=gen)
-        caps = torch.stack([data.captions_of[i][int(p * len(data.captions_of[i]))]
-                            for i, p in zip(order.tolist(), pick.tolist())])
-    return order, caps
+        return torch.arange(data.n_images), data.first_caption.clone()
+    order = torch.randperm(data.n_images, generator=gen)
+    # float32 draws scaled in float64: floor(u * count) never reaches count
+    pick = (torch.rand(data.n_images, generator=gen).double() * data.n_captions[order]).long()
+    return order, data.first_caption[order] + pick
 
 
 def _batches(n: int, batch_size: int) -> list[slice]:
@@ -264,26 +261,14 @@ def train_heads(cfg: AlignConfig, train: PairedFeatures, val: PairedFeatures | N
         return _train_heads(cfg, train, val, progress)
 
 
-@contextmanager
-def torch_threads(n: int | None) -> Iterator[None]:
-    """Run the block on ``n`` torch threads (None: leave the setting alone), then restore it."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _train_heads(cfg: AlignConfig, train: PairedFeatures, val: PairedFeatures | None,
                  progress: bool | None) -> tuple[AlignHeads, dict[str, Any]]:
     torch.manual_seed(cfg.seed)
     heads = AlignHeads(train.image_feat.shape[1], train.text_feat.shape[1], cfg.embed_dim, cfg.head,
                        cfg.hidden_dim, cfg.init_logit_scale)
-    batches = _batches(len(train.captions_of), cfg.batch_size)
+    batches = _batches(train.n_images, cfg.batch_size)
     if not batches:
-        raise CacheError(f"align: the train split has {len(train.captions_of)} usable image-caption "
+        raise CacheError(f"align: the train split has {train.n_images} usable image-caption "
                          "pair(s); at least 2 are needed for a contrastive loss")
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(batches))
@@ -319,8 +304,8 @@ def _train_heads(cfg: AlignConfig, train: PairedFeatures, val: PairedFeatures | 
     info = {"epochs_run": len(history), "best_epoch": best[1] if best[2] is not None else len(history) - 1,
             "best_val_loss": None if best[2] is None else best[0],
             "logit_scale": heads.logit_scale().item(), "seconds": round(time.perf_counter() - t0, 3),
-            "train_pairs": {"images": len(train.captions_of), "captions": len(train.text_feat)},
-            "val_pairs": None if val is None else {"images": len(val.captions_of), "captions": len(val.text_feat)},
+            "train_pairs": {"images": train.n_images, "captions": len(train.text_feat)},
+            "val_pairs": None if val is None else {"images": val.n_images, "captions": len(val.text_feat)},
             "history": history}
     return heads.eval(), info
 
@@ -379,11 +364,6 @@ def load_heads(path: str | Path) -> tuple[AlignHeads, dict[str, Any]]:
 # ----------------------------------------------------------------------------- writing stores
 
 
-@lru_cache(maxsize=8)
-def _source_group(path: str) -> zarr.Group:
-    return zarr.open_group(path, mode="r", zarr_format=3)
-
-
 @dataclass(frozen=True)
 class AlignWork:
     """The computation of one unit: rows of a source store through one head (pure, picklable)."""
@@ -400,7 +380,7 @@ class AlignWork:
     def compute(self, unit: Unit) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         vision_path, text_path = self.sources[unit.split]
         kind = unit.part
-        src = _source_group(vision_path if kind == "image" else text_path)
+        src = zarr.open_group(vision_path if kind == "image" else text_path, mode="r", zarr_format=3)
         rows = slice(unit.start, unit.stop)
         status = src[f"{kind}_status"][rows]
         feat = torch.from_numpy(src[f"{kind}_emb"][rows].astype(np.float32))
@@ -464,7 +444,7 @@ def run_align(cfg: AlignConfig, entries: dict[str, Any] | None = None,
                 val = paired_features(pairs[cfg.val_split])
             else:
                 log.warning("align: no caches of the val split %r; training all %d epochs", cfg.val_split, cfg.epochs)
-        note(f"align {cfg.name}: {len(train.captions_of)} train images, {len(train.text_feat)} captions "
+        note(f"align {cfg.name}: {train.n_images} train images, {len(train.text_feat)} captions "
              f"({cfg.vision} + {cfg.text}, {cfg.head} heads)", progress)
         heads, info = train_heads(cfg, train, val, progress)
         vision_attrs = _source_attrs(pairs[cfg.train_split].vision, "image", "vision")

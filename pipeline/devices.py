@@ -1,7 +1,9 @@
-"""Device names shared by the stages."""
+"""Device names and CPU thread settings shared by the stages."""
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -17,3 +19,17 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block on ``n`` torch intra-op threads (None: leave torch's setting), then restore
+    it. On a machine shared with other work, as many threads as cores oversubscribe the CPUs and
+    every thread waits for the slowest: fewer threads are then much faster (README "Threads")."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -23,13 +23,14 @@ import PIL.Image
 from pipeline.cache import TeacherCache
 from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.data.shards import Manifest, RandomAccess, SkipCounter, load_manifest
-from pipeline.devices import resolve_device
+from pipeline.devices import resolve_device, torch_threads
 from pipeline.evaluation.efficiency import measure_efficiency
 from pipeline.evaluation.html_report import write_html_report
 from pipeline.evaluation.report import clean_numbers, write_json, write_recall_curves, write_report
 from pipeline.evaluation.scoring import (EvalRows, Gallery, encode_split, join_rows, pct_of_teacher,
                                          qualitative_examples, retrieval_gallery, score_embeddings,
                                          score_teacher)
+from pipeline.lock import output_lock
 from pipeline.progress import note
 from pipeline.students import load_student
 
@@ -54,6 +55,8 @@ class EvalConfig:
     latency_repeats: int = setting(5, minimum=1)  # timed calls; the median is reported
     measure_memory: bool = True                  # peak memory via a subprocess per model
     device: str = setting("cpu", pattern=DEVICE_PATTERN)  # "cpu", "cuda" or "auto"
+    threads: int | None = setting(None, minimum=1)  # torch threads for encoding and timing; null = torch's
+                                                 # default, one per core (the report records the count)
     block_rows: int = setting(1024, minimum=1)   # query rows per similarity tile (bounds memory)
     n_examples: int = setting(3, minimum=0)      # test images shown with their top-3 captions
     metrics_path: str = "reports/eval/metrics.json"
@@ -89,8 +92,14 @@ def gallery_images(manifest: Manifest, gallery: Gallery) -> dict[str, PIL.Image.
 def evaluate(cfg: EvalConfig, progress: bool | None = None) -> dict[str, Any]:
     """Score student and teacher on the test split; write metrics.json, plots and the reports.
 
-    Returns the metrics dict exactly as written to ``cfg.metrics_path``.
+    Returns the metrics dict exactly as written to ``cfg.metrics_path``. Holds the lock of
+    ``metrics_path`` throughout: a second evaluation writing the same reports is refused.
     """
+    with output_lock(Path(cfg.metrics_path), "`distill evaluate`"), torch_threads(cfg.threads):
+        return _evaluate(cfg, progress)
+
+
+def _evaluate(cfg: EvalConfig, progress: bool | None) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     manifest = load_manifest(cfg.dataset)
     student = load_student(Path(cfg.student_dir)).to(device).eval()

@@ -30,6 +30,7 @@ from pipeline import __version__
 from pipeline.cache import ROW_INVALID, ROW_VALID, Layout, teacher_store_attrs
 from pipeline.config import DEVICE_PATTERN, check_settings, setting
 from pipeline.data.shards import Manifest, iter_samples, load_manifest, make_handler
+from pipeline.devices import torch_threads
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.executors import DaskConfig, ExecutorName, check_executor, open_executor
 from pipeline.fingerprint import fingerprint
@@ -62,6 +63,8 @@ class TeachConfig:
     rows_per_chunk: int = setting(256, minimum=1)    # rows per checksummed chunk inside a shard;
                                                      # must divide rows_per_shard
     device: str = setting("auto", pattern=DEVICE_PATTERN)  # "auto" = cuda when available, else cpu
+    threads: int | None = setting(None, minimum=1)  # torch threads of the teacher forward (in-process);
+                                           # null = torch's default, one per core (Dask: dask.torch_threads)
     on_bad_image: Literal["skip", "strict"] = "skip"  # skip: count, log, mark row invalid
     prefetch_batches: int = setting(4, minimum=1)    # decoded batches queued ahead of the teacher
     preprocess_workers: int | None = setting(None, minimum=0)  # threads resizing/normalising images; None = auto
@@ -405,7 +408,7 @@ def run_teach(cfg: TeachConfig, name: str, teacher: Any = None, progress: bool |
     check_executor(cfg.executor, cfg.dask, "teach")
     source = teacher_source(cfg, teacher, entry)
     out = Path(cfg.out_root) / name
-    with open_executor(cfg.executor, cfg.dask, "teach") as executor:
+    with open_executor(cfg.executor, cfg.dask, "teach") as executor, torch_threads(cfg.threads):
         job, result = run_store_stage(out, f"`distill teach {name}`",
                                       lambda: plan_teach(cfg, name, source, executor), executor, progress)
     return _summary(cfg, name, job, result, time.perf_counter() - t0)
@@ -417,6 +420,8 @@ def _summary(cfg: TeachConfig, name: str, job: StoreJob, result: RunResult,
     summary = {
         "teacher": name, "teacher_fingerprint": fingerprint(job.meta["teacher"]["fingerprint"]),
         "up_to_date": result.up_to_date, "executor": cfg.executor,
+        # threads of the teacher forward: in this process, or each Dask worker's (None: torch's default)
+        "torch_threads": cfg.dask.torch_threads if cfg.executor == "dask" else cfg.threads or torch.get_num_threads(),
         "forward_calls": sum(result.infos[k].get("forward_calls", 0) for k in result.computed),
         **result.counters(),
         "images": {s: m.n_images for s, m in job.meta["manifests"].items()},

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from pipeline.data.shards import Manifest, load_manifest
-from pipeline.devices import resolve_device
+from pipeline.devices import resolve_device, torch_threads
 from pipeline.config import DEVICE_PATTERN, check_settings, from_dict, load_params, recipe_fields, setting
 from pipeline.errors import CacheError, PipelineError
 from pipeline.fingerprint import fingerprint
@@ -44,6 +44,7 @@ from pipeline.targets import TargetSources, TeacherTargets, open_targets
 from pipeline.losses import (CombinedLoss, LossTerm, build_objective,
                              check_requirements)
 from pipeline.progress import progress_task
+from pipeline.lock import output_lock
 from pipeline.students import Student, create_student, read_checkpoint, save_checkpoint
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's cap on exp(logit_scale), applied to the parameter after each step
@@ -90,6 +91,8 @@ class TrainConfig:
     log_every: int = setting(10, minimum=1)   # steps between rows of train_log.csv
     checkpoint_every: int = setting(200, minimum=1)  # steps between resumable checkpoints
     device: str = setting("auto", pattern=DEVICE_PATTERN)  # "auto" = cuda when available, else cpu
+    threads: int | None = setting(None, minimum=1)  # torch threads of the training process; null =
+                                              # torch's default, one per core (DataLoader workers use 1)
     amp: bool = True                          # bf16 autocast for the towers on CUDA (ignored on CPU)
     on_bad_image: Literal["skip", "strict"] = "skip"  # skip: count undecodable images and go on
     resume: bool = True                       # continue an interrupted run from its scratch checkpoint
@@ -449,7 +452,15 @@ def train(cfg: TrainConfig, progress: bool | None = None,
     progress: see :func:`pipeline.progress.progress_task` (None = a bar on a terminal, else lines).
     stop_after: end this invocation after that step without a final checkpoint, as a kill would
         (for time-boxed jobs and resume tests); the next call resumes from the last checkpoint.
+
+    Holds the lock of ``out_dir`` throughout: a second run on the same output (which would also
+    share its scratch checkpoint) is refused naming the first (:class:`pipeline.lock.LockError`).
     """
+    with output_lock(Path(cfg.out_dir), "`distill train`"), torch_threads(cfg.threads):
+        return _train(cfg, progress, stop_after)
+
+
+def _train(cfg: TrainConfig, progress: bool | None, stop_after: int | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     forwards_before = teacher_forwards()
     run = setup(cfg)
@@ -524,6 +535,7 @@ def make_summary(run: TrainRun, last: dict[str, float], resumed_from: int | None
         "teacher_forward_calls": run.teacher_forward_calls, "hard_negative_batches": run.sampler,
         "skipped_count": len(skipped), "skip_events": run.skip_events, "skipped": skipped[:1000],
         "tower_parameters": run.student.tower_parameters(), "device": str(run.device),
+        "torch_threads": torch.get_num_threads(),
         "seconds": round(seconds, 3),
         "seconds_per_step": round(loop_seconds / steps_this_run, 4) if steps_this_run else None,
         "dataset_fingerprint": run.manifest.fingerprint,

@@ -249,6 +249,30 @@ def test_student_only_and_unbuildable_teacher(eval_setup: EvalConfig):
     assert "could not be constructed" in report and "no_such_teacher" in report
 
 
+def test_a_second_evaluation_of_one_output_is_refused(eval_setup: EvalConfig):
+    import sys
+
+    from pipeline.lock import LockError
+
+    cfg = replace(eval_setup, teacher=None, measure_memory=False)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.lock import output_lock\n"
+         "with output_lock(sys.argv[1], '`distill evaluate`'):\n    print('locked', flush=True); time.sleep(600)",
+         cfg.metrics_path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LockError, match=f"pid {holder.pid}"):
+            evaluate(cfg, progress=False)
+        assert not Path(cfg.metrics_path).exists() and not Path(cfg.report_path).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    before = torch.get_num_threads()
+    metrics = evaluate(replace(cfg, threads=1), progress=False)  # the holder died: lock taken over
+    assert metrics["machine"]["torch_threads"] == 1 and torch.get_num_threads() == before
+    assert "1 torch threads" in Path(cfg.report_path).read_text()
+
+
 def test_parameters_used_matches_the_student_tower_split():
     student = tiny_student()
     pixels = torch.zeros(2, 3, 32, 32)

@@ -266,6 +266,17 @@ def test_preprocess_threads_give_identical_cache(make_dataset, tiny_teacher, tmp
     assert tree_digest(tmp_path / "a/tiny") == tree_digest(tmp_path / "b/tiny")
 
 
+def test_threads_setting_applies_to_the_run_only(make_dataset, tiny_teacher, tmp_path):
+    from pipeline.errors import ConfigError
+
+    root = make_dataset(n_train=6, n_test=2)
+    before = torch.get_num_threads()
+    summary = run_teach(teach_cfg(root, tmp_path, threads=1), "tiny", tiny_teacher, progress=False)
+    assert summary["torch_threads"] == 1 and torch.get_num_threads() == before
+    with pytest.raises(ConfigError, match="teach.threads"):
+        teach_cfg(root, tmp_path, threads=0)
+
+
 def test_decoder_processes_give_identical_cache_and_the_same_errors(make_dataset, tiny_teacher, tmp_path):
     """Images read, decoded and preprocessed in DataLoader processes apart from the forward:
     the same bytes, the same skipped samples, and `strict` still names the sample."""

@@ -316,3 +316,30 @@ def test_a_teacher_forward_during_training_is_caught(toy, tmp_path, tiny_teacher
             train(cfg, progress=False)
     finally:
         del LOSSES._factories["online_teacher_probe"]
+
+
+def _hold_lock(out: Path):
+    """Another process holding the output lock of ``out`` (as a concurrent run would)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.lock import output_lock\n"
+         "with output_lock(sys.argv[1], '`distill train`'):\n    print('locked', flush=True); time.sleep(600)",
+         str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_train_on_one_output_is_refused(toy, tmp_path):
+    from pipeline.lock import LockError
+
+    out = tmp_path / "student"
+    holder = _hold_lock(out)
+    try:
+        with pytest.raises(LockError, match=f"pid {holder.pid}"):
+            train(_cfg(toy, out), progress=False)
+        assert not out.exists() and not (tmp_path / ".scratch").exists()  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    before = torch.get_num_threads()
+    summary = train(_cfg(toy, out, threads=1), progress=False)  # the holder died: lock taken over
+    assert summary["finished"] and summary["torch_threads"] == 1 and torch.get_num_threads() == before
