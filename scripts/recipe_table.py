@@ -71,6 +71,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--reuse", nargs="*", default=[], help="ablation JSONs of the emoji demo to take runs from")
     parser.add_argument("--floor", type=float, default=85.0, help="% of `none` below which a run is marked")
+    parser.add_argument("--set", nargs="*", default=["evaluate.teacher=null", "evaluate.measure_memory=false"],
+                        help="extra overrides for every run (default: quality only, no teacher timing "
+                             "or memory probes)")
     parser.add_argument("--root", type=Path, default=Path("ablation/table"))
     parser.add_argument("--out", default="docs/recipe_table")
     args = parser.parse_args()
@@ -94,7 +97,7 @@ def main() -> int:
     def one(key: tuple[str, str, float]) -> dict:
         dataset, recipe, epochs = key
         base = yaml.safe_load(Path(DATASETS[dataset]).read_text())
-        run = run_side_by_side(recipe, 0, [f"train.epochs={epochs:g}"], base,
+        run = run_side_by_side(recipe, 0, [f"train.epochs={epochs:g}", *args.set], base,
                                args.root / dataset / f"{epochs:g}ep")
         return {**run, "dataset": dataset, "epochs": epochs}
 

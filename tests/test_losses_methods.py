@@ -307,6 +307,25 @@ def test_sard_matching_matches_loop(hardest, image_rows):
     assert loss(batch).item() == pytest.approx(total / B, rel=1e-5)
 
 
+def test_sard_matching_warmup_sums_then_takes_the_hardest():
+    """The first warmup_steps training steps equal hardest=False, later ones hardest=True;
+    evaluation calls do not advance the count, and the count survives a state_dict round trip."""
+    batch = _make()[0]
+    summed = LOSSES.create("sard_matching", hardest=False)(batch).item()
+    hardest = LOSSES.create("sard_matching", hardest=True)(batch).item()
+    assert summed > hardest  # the two modes differ on this batch, so the check can fail
+    loss = LOSSES.create("sard_matching", warmup_steps=2).train()
+    assert loss.logged() == {"warmup": 1.0}
+    assert [loss(batch).item() for _ in range(2)] == pytest.approx([summed, summed])
+    loss.eval()
+    assert loss(batch).item() == pytest.approx(hardest)  # step 2 reached: past the warm-up
+    restored = LOSSES.create("sard_matching", warmup_steps=2)
+    restored.load_state_dict(loss.state_dict())
+    assert int(restored.steps) == 2 and not restored.in_warmup and restored.logged() == {"warmup": 0.0}
+    with pytest.raises(ValueError, match="warmup_steps"):
+        LOSSES.create("sard_matching", warmup_steps=-1)
+
+
 def test_sard_matching_hand_worked_3x3():
     """Orthogonal images, texts rotated by one: S_ii = 0, one negative per row/column at 1.
 

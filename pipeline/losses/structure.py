@@ -23,13 +23,26 @@ class SARDMatching(DistillLoss):
     With S = student image·textᵀ (cosine) and N(i) the batch captions of other images:
         L = mean_i ( max_{j∈N(i)} [α − S_ii + S_ij]₊ + max_{j∈N(i)} [α − S_ii + S_ji]₊ )
     (``hardest=False`` sums over N(i) instead of taking the max).
+
+    The hardest-negative hinge stalls when a student starts from scratch: at random init one
+    negative per anchor carries all the gradient and the embedding collapses (VSE++ and its
+    successors warm up with the sum of hinges). So the first ``warmup_steps`` training steps use
+    the sum; the step count is a buffer, saved in checkpoints, so a resumed run keeps its place.
     """
 
     requires = frozenset()
 
-    def __init__(self, margin: float = 0.2, hardest: bool = True) -> None:
+    def __init__(self, margin: float = 0.2, hardest: bool = True, warmup_steps: int = 0) -> None:
         super().__init__()
-        self.margin, self.hardest = margin, hardest
+        if warmup_steps < 0:
+            raise ValueError(f"sard_matching: warmup_steps must be >= 0, got {warmup_steps}")
+        self.margin, self.hardest, self.warmup_steps = margin, hardest, warmup_steps
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def in_warmup(self) -> bool:
+        """True while the sum of hinges stands in for the hardest negative."""
+        return self.hardest and int(self.steps) < self.warmup_steps
 
     def forward(self, batch: DistillBatch) -> Tensor:
         sim = batch.image_emb @ batch.text_emb.T
@@ -37,15 +50,23 @@ class SARDMatching(DistillLoss):
         same = batch.image_rows[:, None] == batch.image_rows[None, :]
         cost_text = (self.margin - positive[:, None] + sim).clamp(min=0).masked_fill(same, 0)
         cost_image = (self.margin - positive[None, :] + sim).clamp(min=0).masked_fill(same, 0)
-        if self.hardest:
+        hardest = self.hardest and not self.in_warmup
+        if self.training:
+            self.steps += 1
+        if hardest:
             return (cost_text.max(1).values + cost_image.max(0).values).mean()
         return (cost_text.sum(1) + cost_image.sum(0)).mean()
 
+    def logged(self) -> dict[str, float]:
+        return {"warmup": float(self.in_warmup)} if self.warmup_steps else {}
+
 
 @LOSSES.register("sard_matching")
-def make_sard_matching(margin: float = 0.2, hardest: bool = True) -> SARDMatching:
-    """Hinge triplet matching loss on student pairs, hardest in-batch negatives (VSE++)."""
-    return SARDMatching(margin, hardest)
+def make_sard_matching(margin: float = 0.2, hardest: bool = True,
+                       warmup_steps: int = 0) -> SARDMatching:
+    """Hinge triplet matching loss on student pairs, hardest in-batch negatives (VSE++), after
+    ``warmup_steps`` steps of the sum of hinges."""
+    return SARDMatching(margin, hardest, warmup_steps)
 
 
 class SARDRepresentation(DistillLoss):
