@@ -94,7 +94,8 @@ def table(results: list[dict], descriptions: dict[str, str]) -> str:
     """Markdown table: one row per recipe plus the teacher; NDCG and RSUM-% scaled to 100."""
     head = ["recipe", "seeds", *[c for c, _ in COLUMNS], "RSUM", "RSUM % of teacher", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    recipes = list(dict.fromkeys(r["recipe"] for r in results))
+    found = set(r["recipe"] for r in results)  # params.yaml's order, whatever order the runs ended in
+    recipes = [r for r in descriptions if r in found] + sorted(found - set(descriptions))
     for recipe in recipes:
         runs = [r for r in results if r["recipe"] == recipe]
         cells = [f"`{recipe}`", str(len(runs))]
