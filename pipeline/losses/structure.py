@@ -42,7 +42,8 @@ class SARDMatching(DistillLoss):
     @property
     def in_warmup(self) -> bool:
         """True while the sum of hinges stands in for the hardest negative."""
-        return self.hardest and int(self.steps) < self.warmup_steps
+        # warmup_steps checked first: reading the step count syncs with the device every step
+        return self.hardest and self.warmup_steps > 0 and int(self.steps) < self.warmup_steps
 
     def forward(self, batch: DistillBatch) -> Tensor:
         sim = batch.image_emb @ batch.text_emb.T
