@@ -77,7 +77,8 @@ def main() -> int:
     parser.add_argument("--root", type=Path, default=Path("ablation/table"))
     parser.add_argument("--out", default="docs/recipe_table")
     args = parser.parse_args()
-    recipes = args.recipes or list(yaml.safe_load(Path("params.yaml").read_text())["recipes"])
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    recipes = args.recipes or list(params["recipes"])
     raw = Path(f"{args.out}.json")
     results: list[dict] = json.loads(raw.read_text()) if raw.exists() else []
     done = {(r["dataset"], r["recipe"], r["epochs"]) for r in results}
@@ -97,6 +98,7 @@ def main() -> int:
     def one(key: tuple[str, str, float]) -> dict:
         dataset, recipe, epochs = key
         base = yaml.safe_load(Path(DATASETS[dataset]).read_text())
+        base["recipes"] = params["recipes"]  # one definition of each recipe: params.yaml's
         run = run_side_by_side(recipe, 0, [f"train.epochs={epochs:g}", *args.set], base,
                                args.root / dataset / f"{epochs:g}ep")
         return {**run, "dataset": dataset, "epochs": epochs}

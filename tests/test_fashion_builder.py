@@ -72,3 +72,16 @@ def test_built_shards_go_through_prepare_webdataset(tmp_path, monkeypatch):
            for s in iter_samples(load_manifest(tmp_path / "data" / "train"), decode_images=False)}
     caps = fashion.captions(images, labels)
     assert got == {f"t10k{i:05d}": (tuple(caps[i]), fashion.CLASSES[labels[i]]) for i in range(6)}
+
+
+def test_fashion_params_hold_the_same_recipes_as_params_yaml():
+    """benchmarks/fashion.yaml runs the same methods as the demo: a recipe edited in one file and
+    not the other would put another method's figures in the recipe table."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    demo = yaml.safe_load((root / "params.yaml").read_text())["recipes"]
+    fashion = yaml.safe_load((root / "benchmarks" / "fashion.yaml").read_text())["recipes"]
+    strip = lambda recipes: {k: {f: v for f, v in r.items() if f != "description"}  # noqa: E731
+                             for k, r in recipes.items()}
+    assert strip(fashion) == strip(demo)
