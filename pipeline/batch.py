@@ -14,7 +14,7 @@ from torch import Tensor
 
 from pipeline.losses import DistillBatch
 from pipeline.students import Student
-from pipeline.targets import TeacherTargets
+from pipeline.targets import ROLE_ROW_KIND, TeacherTargets
 
 
 @dataclass
@@ -38,11 +38,16 @@ class BatchPlan:
         return torch.stack([self._tokens[int(r)] for r in rows])
 
 
-def _rows(emb: np.ndarray | None, rows: np.ndarray, device: torch.device) -> Tensor | None:
-    """Gather cached rows (plain data: no grad ever reaches them)."""
+def _rows(emb: Any, rows: np.ndarray, device: torch.device) -> Tensor | None:
+    """Gather cached rows (plain data: no grad ever reaches them) as float32 on ``device``.
+
+    Rows travel in the store's dtype (float16 embeddings: half the host memory and transfer)
+    and are converted on the device.
+    """
     if emb is None:
         return None
-    return torch.from_numpy(np.ascontiguousarray(emb[rows])).to(device)
+    values = torch.from_numpy(np.ascontiguousarray(emb[rows])).to(device, non_blocking=True)
+    return values.float() if values.is_floating_point() else values
 
 
 def _encode(student: Student, pixels: Tensor, tokens: Tensor, levels: bool
@@ -58,18 +63,19 @@ def candidate_fields(plan: BatchPlan, student: Student, image_rows: np.ndarray,
                      device: torch.device) -> dict[str, Tensor]:
     """Student embeddings of each image's K candidate captions and the teachers' view of them."""
     t = plan.targets
-    cand = t.topk["i2t_topk_idx"][image_rows, :plan.candidates]            # [B, K], -1 = none
+    cand = t.topk["i2t_topk_idx"][image_rows][:, :plan.candidates]         # [B, K], -1 = none
     valid = (cand >= 0) & t.text_valid[np.maximum(cand, 0)]
     safe = np.where(valid, cand, 0)
     tokens = plan.tokens(student, safe.reshape(-1)).to(device)
     cand_emb = student.encode_text(tokens).float().reshape(*cand.shape, -1)
-    sim = np.einsum("bd,bkd->bk", t.image_emb[image_rows], t.text_emb[safe])
+    sim = np.einsum("bd,bkd->bk", t.image_emb[image_rows].astype(np.float32),
+                    t.text_emb[safe].astype(np.float32))
     out = {"cand_text_emb": cand_emb,
            "cand_teacher_sim": torch.from_numpy(sim.astype(np.float32)).to(device),
            "cand_is_positive": torch.from_numpy(t.text_to_image[safe] == image_rows[:, None]).to(device),
            "cand_valid": torch.from_numpy(valid).to(device)}
     if plan.itm_candidates:
-        out["cand_itm"] = _rows(t.cand_itm[:, :plan.itm_candidates], image_rows, device)
+        out["cand_itm"] = _rows(t.cand_itm, image_rows, device)[:, :plan.itm_candidates]
     return out
 
 
@@ -83,8 +89,8 @@ def assemble(plan: BatchPlan, student: Student, batch: dict[str, Any], device: t
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         image_emb, text_emb, image_levels, text_levels = _encode(student, pixels, tokens, plan.levels)
         extra = candidate_fields(plan, student, image_rows, device) if plan.candidates else {}
-    roles = {name: _rows(emb, text_rows if name in ("text_teacher_emb", "single_text_emb")
-                         else image_rows, device) for name, emb in t.role_emb.items()}
+    roles = {name: _rows(emb, text_rows if ROLE_ROW_KIND[name] == "text" else image_rows, device)
+             for name, emb in t.role_emb.items()}
     return DistillBatch(
         image_emb.float(), text_emb.float(), student.logit_scale.exp(),
         _rows(t.image_emb, image_rows, device), _rows(t.text_emb, text_rows, device),

@@ -31,6 +31,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from pipeline import __version__
 from pipeline.errors import CacheError, FingerprintMismatchError
+from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 ROW_MISSING, ROW_VALID, ROW_INVALID = 0, 1, 2
@@ -139,43 +140,63 @@ def check_fingerprint(what: str, path: Path, expected: str | None, found: str, h
 
 
 class TeacherCache:
-    """A verified, read-only view of one teacher cache, arrays loaded into memory as float32.
+    """A verified, read-only view of one teacher cache.
+
+    Eager (the default): ids and embeddings are loaded into memory, embeddings as float32, as
+    stage-1 code (neighbours, align) needs them whole. Lazy (``lazy=True``, what training and
+    evaluation use): ids and embeddings are :class:`~pipeline.rows.RowReader` views that read
+    rows on demand (float16, as stored), so memory does not grow with the store; only the row
+    status and ``text_to_image`` (1 and 4 bytes per row) are loaded.
 
     Opening runs the cheap checks: schema, completeness, fingerprints, and that no row was left
     unwritten (a deleted shard reads back as fill values; the status arrays catch it).
     """
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
-        self.path = path
+    def __init__(self, path: Path, group: zarr.Group, lazy: bool = False,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.path, self.lazy = path, lazy
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.logit_scale = float(self.attrs["logit_scale"])
         self.embed_dim = int(self.attrs["embed_dim"])
         self.modalities = frozenset(self.attrs["modalities"])
         self.dataset_fingerprint: str = self.attrs["dataset_fingerprint"]
         self.teacher_fingerprint: str = self.attrs["teacher_fingerprint"]
-        self.image_ids = read_strings(read_array(group, "image_id", path))
-        self.text_ids = read_strings(read_array(group, "text_id", path))
         self.text_to_image = read_array(group, "text_to_image", path).astype(np.int32)
         self.image_status = read_array(group, "image_status", path)
         self.text_status = read_array(group, "text_status", path)
         self.image_valid = self.image_status == ROW_VALID
         self.text_valid = self.text_status == ROW_VALID
-        self.image_emb = self._load_emb(group, "image")
-        self.text_emb = self._load_emb(group, "text")
+        if lazy:
+            self.image_ids = RowReader(path, "image_id", convert=strings_as_objects)
+            self.text_ids = RowReader(path, "text_id", convert=strings_as_objects)
+        else:
+            self.image_ids = read_strings(read_array(group, "image_id", path))
+            self.text_ids = read_strings(read_array(group, "text_id", path))
+        self.image_emb = self._load_emb(group, "image", cache_bytes)
+        self.text_emb = self._load_emb(group, "text", cache_bytes)
 
-    def _load_emb(self, group: zarr.Group, kind: Kind) -> np.ndarray | None:
+    def _load_emb(self, group: zarr.Group, kind: Kind, cache_bytes: int) -> Any:
         if kind not in self.modalities:
             return None
+        if self.lazy:  # finiteness of valid rows is checked chunk by chunk as rows are read
+            status = getattr(self, f"{kind}_status")
+            return RowReader(self.path, f"{kind}_emb", cache_bytes=cache_bytes,
+                             check=FiniteWhereValid(status, f"{self.path}: {kind}_emb"))
         return read_array(group, f"{kind}_emb", self.path).astype(np.float32)
 
     @classmethod
     def open(cls, path: str | Path, expect_dataset: str | None = None,
-             expect_teacher: str | None = None) -> "TeacherCache":
+             expect_teacher: str | None = None, *, lazy: bool = False, verify: bool = True,
+             cache_bytes: int = DEFAULT_CACHE_BYTES) -> "TeacherCache":
         """Open and check a cache; refuse one built from another dataset or teacher.
 
         The cheap checks of ``distill cache verify`` run here: schema, completeness, fingerprints,
-        array layout, every shard file present, no unwritten row, finite valid rows; the arrays
-        are read in full, so every chunk's checksum is checked too.
+        array layout, every shard file present, no unwritten row. Eager: the arrays are read in
+        full, so every chunk's checksum and the finiteness of every valid row are checked too.
+        Lazy: with ``verify`` (the default) every chunk is still read once here, a block at a
+        time (bounded memory), for those two checks; without it they run on each chunk when it is
+        first read (a damaged chunk is then a :class:`CacheError` naming the store, array and
+        rows, possibly mid-run: for stores whose copy DVC has just checked).
         """
         path = Path(path)
         group = open_group_checked(path, "teacher-cache.v1")
@@ -184,13 +205,15 @@ class TeacherCache:
         check_fingerprint("dataset", path, expect_dataset, attrs["dataset_fingerprint"], hint)
         check_fingerprint("teacher", path, expect_teacher, attrs["teacher_fingerprint"], hint)
         raise_faults(path, structure_faults(path, group))
-        cache = cls(path, group)
+        cache = cls(path, group, lazy=lazy, cache_bytes=cache_bytes)
         cache._check_rows()
+        if lazy and verify:
+            cache.verify_chunks()
         return cache
 
     def _check_rows(self) -> None:
         for kind, status in (("image", self.image_status), ("text", self.text_status)):
-            emb = getattr(self, f"{kind}_emb")
+            emb = None if self.lazy else getattr(self, f"{kind}_emb")
             missing = unwritten_rows(status, emb)
             if missing.size:
                 raise CacheError(
@@ -204,13 +227,44 @@ class TeacherCache:
                 raise CacheError(f"{self.path}: {kind}_status holds unknown values at rows "
                                  f"{unknown[:5].tolist()}; the store is damaged: rebuild it")
 
+    def verify_chunks(self) -> None:
+        """Read every chunk of a lazily opened cache once, a Zarr shard at a time: checksums,
+        and finite valid embedding rows (a :class:`CacheError` names the first fault)."""
+        for reader in (self.image_emb, self.text_emb, self.image_ids, self.text_ids):
+            if isinstance(reader, RowReader):
+                for _ in reader.blocks():
+                    pass
+
     def image_row(self) -> dict[str, int]:
-        """Stable sample id → image row."""
-        return {sid: i for i, sid in enumerate(self.image_ids.tolist())}
+        """Stable sample id → image row (all rows: for evaluation splits, not training sets)."""
+        return {sid: i for i, sid in enumerate(np.asarray(self.image_ids).tolist())}
 
     def text_row(self) -> dict[str, int]:
-        """Stable caption id (``shard/key#c``) → text row."""
-        return {tid: j for j, tid in enumerate(self.text_ids.tolist())}
+        """Stable caption id (``shard/key#c``) → text row (all rows, as :meth:`image_row`)."""
+        return {tid: j for j, tid in enumerate(np.asarray(self.text_ids).tolist())}
+
+
+def strings_as_objects(values: np.ndarray) -> np.ndarray:
+    """Decoded string rows as a numpy object array of ``str`` (no fixed width to truncate)."""
+    return np.asarray(values.tolist(), dtype=object)
+
+
+class FiniteWhereValid:
+    """Chunk check of a lazily read embedding array: every valid row must be finite (a lost or
+    unwritten shard reads back as the NaN fill value)."""
+
+    def __init__(self, status: np.ndarray, where: str) -> None:
+        self.status, self.where = status, where
+
+    def __call__(self, start: int, values: np.ndarray) -> None:
+        valid = self.status[start:start + len(values)] == ROW_VALID
+        bad = np.flatnonzero(valid & ~np.isfinite(values).all(axis=1))
+        if bad.size:
+            raise CacheError(
+                f"{self.where}: {bad.size} valid rows read back as fill values (first rows "
+                f"{(start + bad[:5]).tolist()}): a shard file is damaged or was not written. Run "
+                "`distill cache verify` for details; restore the store with `dvc checkout`/`dvc "
+                "pull` or rebuild it with `distill teach`.")
 
 
 def unwritten_rows(status: np.ndarray, emb: np.ndarray | None = None) -> np.ndarray:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import PIL.Image
 
 from pipeline.cache import TeacherCache
@@ -75,7 +76,8 @@ def _teacher_rows(cache: TeacherCache | None, rows: EvalRows):
     """The teacher's (image, text) embeddings on the scored rows, when it has both towers."""
     if cache is None or cache.image_emb is None or cache.text_emb is None:
         return None
-    return cache.image_emb[rows.cache_image_rows], cache.text_emb[rows.cache_text_rows]
+    return (cache.image_emb[rows.cache_image_rows].astype(np.float32),  # rows only, as float32
+            cache.text_emb[rows.cache_text_rows].astype(np.float32))
 
 
 def gallery_images(manifest: Manifest, gallery: Gallery) -> dict[str, PIL.Image.Image]:
@@ -105,7 +107,7 @@ def _evaluate(cfg: EvalConfig, progress: bool | None) -> dict[str, Any]:
     student = load_student(Path(cfg.student_dir)).to(device).eval()
     split = encode_split(student, manifest, cfg.encode_batch_size, device, progress,
                          keep_images=max(cfg.latency_batch_sizes))
-    cache = (TeacherCache.open(cfg.teacher_cache, expect_dataset=manifest.fingerprint)
+    cache = (TeacherCache.open(cfg.teacher_cache, expect_dataset=manifest.fingerprint, lazy=True)
              if cfg.teacher_cache else None)
     rows = join_rows(split, cache)
     note(f"evaluate: scoring retrieval on {len(rows.image_rows)} images", progress)

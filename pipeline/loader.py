@@ -66,12 +66,15 @@ class DistillStream(IterableDataset):
 
     def __init__(self, manifest: Manifest, targets: TeacherTargets,
                  transform: Callable[[PIL.Image.Image, random.Random], Tensor], *, seed: int,
-                 epoch: int, shuffle_buffer: int, on_bad_image: str) -> None:
+                 epoch: int, shuffle_buffer: int, on_bad_image: str, rank: int = 0,
+                 world_size: int = 1) -> None:
         super().__init__()
         self.manifest, self.transform = manifest, transform
         self.seed, self.epoch, self.shuffle_buffer = seed, epoch, shuffle_buffer
         self.on_bad_image = on_bad_image
-        # Only lookups go to workers; embeddings stay in the main process.
+        self.rank, self.world_size = rank, world_size  # training processes (torchrun) split shards
+        # Only lookups go to workers (ids are read there shard by shard); embeddings stay in
+        # the main process.
         self.image_rows, self.text_rows = targets.image_rows, targets.text_rows
         self.image_valid, self.text_valid = targets.image_valid, targets.text_valid
 
@@ -110,12 +113,19 @@ class DistillStream(IterableDataset):
             for sample in iter_samples(self.manifest, shards=[shard], handler=handler):
                 yield self._join(sample)
 
-    def __iter__(self) -> Iterator[TrainItem | SkipEvent]:
+    def reader_slot(self) -> tuple[int, int]:
+        """(this reader's index, number of readers): every DataLoader worker of every rank reads
+        its own shards, ``shard_order()[index::readers]``; one process, no workers: ``(0, 1)``."""
         info = get_worker_info()
         wid, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        rng = random.Random(derive_seed(self.seed, "buffer", self.epoch, wid))
+        return self.rank * n_workers + wid, self.world_size * n_workers
+
+    def __iter__(self) -> Iterator[TrainItem | SkipEvent]:
+        slot, readers = self.reader_slot()
+        # The single-process seeds stay as they were (slot = worker id when world_size is 1).
+        rng = random.Random(derive_seed(self.seed, "buffer", self.epoch, slot))
         buffer: list[TrainItem] = []
-        for element in self._joined(self.shard_order()[wid::n_workers]):
+        for element in self._joined(self.shard_order()[slot::readers]):
             if isinstance(element, SkipEvent):
                 yield element
             elif len(buffer) < self.shuffle_buffer:
@@ -142,7 +152,7 @@ class PlannedStream(DistillStream):
         super().__init__(manifest, targets, transform, seed=seed, epoch=epoch, shuffle_buffer=0,
                          on_bad_image=on_bad_image)
         self.order = np.asarray(order)
-        self.row_ids = sorted(targets.image_rows, key=targets.image_rows.__getitem__)
+        self.row_index = targets.row_index  # row -> sample id, read from the store on demand
 
     def __iter__(self) -> Iterator[TrainItem | SkipEvent]:
         info = get_worker_info()
@@ -150,7 +160,7 @@ class PlannedStream(DistillStream):
         reader = RandomAccess(self.manifest, make_handler(self.on_bad_image))  # type: ignore[arg-type]
         try:
             for row in self.order[wid::n_workers]:
-                yield self._join(reader.read(self.row_ids[int(row)]))
+                yield self._join(reader.read(self.row_index.image_id(int(row))))
         finally:
             reader.close()
 

@@ -106,10 +106,20 @@ def _check_neighbors(neighbors: np.ndarray) -> int:
         raise ValueError(f"neighbors must be a [N, k] integer array of image rows, got shape "
                          f"{neighbors.shape} dtype {neighbors.dtype}")
     n_rows = neighbors.shape[0]
-    if neighbors.size and (neighbors.min() < -1 or neighbors.max() >= n_rows):
+    if _outside(neighbors, n_rows):
         raise ValueError(f"neighbors holds rows outside [-1, {n_rows}): it must index the same "
                          "image rows as usable_images (-1 = none)")
     return n_rows
+
+
+def _outside(neighbors, n_rows: int, rows: int = MAP_BLOCK_ROWS) -> bool:
+    """Whether any neighbour lies outside ``[-1, n_rows)``, read a block of rows at a time
+    (neighbours may be a store read on demand)."""
+    for start in range(0, n_rows, rows):
+        block = np.asarray(neighbors[start:start + rows])
+        if block.size and (block.min() < -1 or block.max() >= n_rows):
+            return True
+    return False
 
 
 class _Cursor:

@@ -5,18 +5,28 @@ more stores of the same split: a vision-only and a text-only teacher (structure-
 distillation), a single-stream teacher's unimodal features and its image-text-matching scores
 (MCAD), and the cross-modal teacher's top-k neighbours (hard negatives, candidates). Every store
 is checked against the split's dataset fingerprint and the others' row ids before a step runs.
+
+Nothing large is loaded: embeddings, neighbour lists and ITM scores are
+:class:`~pipeline.rows.RowReader` views that read a batch's rows on demand (float16 embeddings
+stay float16 on the host), and sample ids are matched to rows one tar shard at a time
+(:class:`RowIndex`). What stays in memory is 1 byte per row of validity and 4 of
+``text_to_image``, so a run's memory grows with the batch and the chunks in flight, not with
+the store.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from pipeline.cache import TeacherCache
 from pipeline.data.shards import Manifest
 from pipeline.errors import CacheError
+from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader, array_equal_blocks
+
+RowArray = Any  # numpy array or RowReader: both answer ``a[rows]``, ``a.shape``, ``a.dtype``
 
 # Role stores: train config key -> (cache field -> modality of the role teacher read for it).
 ROLE_FIELDS: dict[str, dict[str, str]] = {
@@ -24,6 +34,96 @@ ROLE_FIELDS: dict[str, dict[str, str]] = {
     "text_teacher": {"text_teacher_emb": "text"},
     "single_stream_teacher": {"single_image_emb": "image", "single_text_emb": "text"},
 }
+
+
+class RowIndex:
+    """Stable ids → cache rows, resolved one tar shard at a time.
+
+    ``teach`` numbers rows in manifest order, so the rows of shard ``s`` are the contiguous
+    slice ``[offset_s, offset_s + n_s)`` (images; captions likewise). The ids of that slice are
+    read from the store and matched by id, never by position, so a reordered stream still meets
+    the right rows; only the last ``max_shards`` shards' lookups are kept.
+    """
+
+    def __init__(self, manifest: Manifest, image_ids: RowArray, text_ids: RowArray,
+                 max_shards: int = 8) -> None:
+        names = [s.name for s in manifest.shards]
+        img_off, txt_off = manifest.image_offsets(), manifest.text_offsets()
+        self.image_slices = {n: (img_off[i], img_off[i] + s.n_samples)
+                             for i, (n, s) in enumerate(zip(names, manifest.shards))}
+        self.text_slices = {n: (txt_off[i], txt_off[i] + s.n_texts)
+                            for i, (n, s) in enumerate(zip(names, manifest.shards))}
+        self.image_starts = np.asarray(img_off, dtype=np.int64)
+        self.names = names
+        self.image_ids, self.text_ids, self.max_shards = image_ids, text_ids, max_shards
+        self._maps: OrderedDict[tuple[str, str], dict[str, int]] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": OrderedDict()}
+
+    def shard_of(self, sample_or_text_id: str) -> str | None:
+        """The manifest shard an id belongs to (ids are ``<shard>/<key>[#c]``; keys may hold ``/``)."""
+        cut = sample_or_text_id.find("/")
+        while cut > 0:
+            if sample_or_text_id[:cut] in self.image_slices:
+                return sample_or_text_id[:cut]
+            cut = sample_or_text_id.find("/", cut + 1)
+        return None
+
+    def _map(self, kind: str, shard: str) -> dict[str, int]:
+        key = (kind, shard)
+        found = self._maps.get(key)
+        if found is None:
+            start, stop = (self.image_slices if kind == "image" else self.text_slices)[shard]
+            ids = (self.image_ids if kind == "image" else self.text_ids)[start:stop]
+            found = {str(i): start + j for j, i in enumerate(np.asarray(ids).tolist())}
+            self._maps[key] = found
+            while len(self._maps) > 2 * self.max_shards:
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(key)
+        return found
+
+    def row(self, kind: str, ident: str) -> int | None:
+        """Row of image id ``shard/key`` (kind ``image``) or caption id ``shard/key#c`` (``text``)."""
+        shard = self.shard_of(ident)
+        return None if shard is None else self._map(kind, shard).get(ident)
+
+    def image_id(self, row: int) -> str:
+        """Sample id of image row ``row``."""
+        return str(self.image_ids[int(row)])
+
+
+class IdRows:
+    """A read-only mapping view ``id -> row`` of one kind of a :class:`RowIndex`."""
+
+    def __init__(self, index: RowIndex, kind: str) -> None:
+        self.index, self.kind = index, kind
+
+    def get(self, ident: str, default: int | None = None) -> int | None:
+        row = self.index.row(self.kind, ident)
+        return default if row is None else row
+
+    def __getitem__(self, ident: str) -> int:
+        row = self.index.row(self.kind, ident)
+        if row is None:
+            raise KeyError(ident)
+        return row
+
+    def __contains__(self, ident: object) -> bool:
+        return isinstance(ident, str) and self.index.row(self.kind, ident) is not None
+
+    def __len__(self) -> int:
+        return len(self.index.image_ids if self.kind == "image" else self.index.text_ids)
+
+    def __iter__(self) -> Iterator[str]:
+        ids = self.index.image_ids if self.kind == "image" else self.index.text_ids
+        for start in range(0, len(ids), 1 << 16):
+            yield from (str(i) for i in np.asarray(ids[start:start + (1 << 16)]).tolist())
+
+
+# Role field -> which rows of a batch index it (the modality of the teacher read for it).
+ROLE_ROW_KIND = {name: modality for fields in ROLE_FIELDS.values() for name, modality in fields.items()}
 
 
 @dataclass(frozen=True)
@@ -47,19 +147,35 @@ class TeacherTargets:
     """
 
     paths: tuple[str, ...]
-    image_emb: np.ndarray | None
-    text_emb: np.ndarray | None
+    image_emb: RowArray | None             # [N_images, D] float16 rows read on demand
+    text_emb: RowArray | None
     logit_scale: float | None
-    image_rows: dict[str, int]
-    text_rows: dict[str, int]
+    image_rows: IdRows                     # sample id -> image row (one tar shard at a time)
+    text_rows: IdRows                      # caption id -> text row
     text_to_image: np.ndarray
     image_valid: np.ndarray
     text_valid: np.ndarray
     sources: dict[str, str]                # cache field -> path of the store providing it
     teacher_fingerprints: dict[str, str]   # path -> teacher (or store) fingerprint
-    role_emb: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. vision_teacher_emb
-    topk: dict[str, np.ndarray] = field(default_factory=dict)      # i2t_topk_idx, i2i_topk_idx
-    cand_itm: np.ndarray | None = None     # [N_images, k_itm] single-stream ITM log-odds
+    role_emb: dict[str, RowArray] = field(default_factory=dict)  # e.g. vision_teacher_emb
+    topk: dict[str, RowArray] = field(default_factory=dict)      # i2t_topk_idx, i2i_topk_idx
+    cand_itm: RowArray | None = None       # [N_images, k_itm] single-stream ITM log-odds
+    row_index: RowIndex | None = None
+
+    def row_arrays(self) -> list[tuple[str, str, RowArray]]:
+        """``(field, row kind, array)`` of every per-row array: kind ``image`` arrays are indexed
+        by a batch's image rows, ``text`` ones by its text rows."""
+        out = [("image_emb", "image", self.image_emb), ("text_emb", "text", self.text_emb)]
+        out += [(name, ROLE_ROW_KIND[name], emb) for name, emb in self.role_emb.items()]
+        out += [(name, "text" if name[0] == "t" else "image", a) for name, a in self.topk.items()]
+        out.append(("i2t_cand_itm", "image", self.cand_itm))
+        return [(name, kind, a) for name, kind, a in out if a is not None]
+
+    def prefetch(self, image_rows: np.ndarray, text_rows: np.ndarray) -> None:
+        """Start decoding the chunks of a coming batch's rows (background threads)."""
+        for _, kind, arr in self.row_arrays():
+            if isinstance(arr, RowReader):
+                arr.prefetch(image_rows if kind == "image" else text_rows)
 
     @property
     def available(self) -> set[str]:
@@ -90,23 +206,38 @@ class TeacherTargets:
         return len(self.usable_image_rows())
 
 
-def _open_caches(paths: Sequence[str], manifest: Manifest) -> list[TeacherCache]:
-    caches = [TeacherCache.open(p, expect_dataset=manifest.fingerprint) for p in paths]
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a run reads its stores (``train.target_cache_mb``, ``train.verify_stores``)."""
+
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # decoded chunks kept per array
+    verify: bool = True                     # read every chunk once at open (checksums, fill values)
+
+
+def _open_caches(paths: Sequence[str], manifest: Manifest,
+                 read: ReadOptions = ReadOptions()) -> list[TeacherCache]:
+    caches = [TeacherCache.open(p, expect_dataset=manifest.fingerprint, lazy=True,
+                                verify=read.verify, cache_bytes=read.cache_bytes) for p in paths]
     first = caches[0]
-    for cache in caches:
-        if not (np.array_equal(cache.image_ids, first.image_ids)
-                and np.array_equal(cache.text_ids, first.text_ids)):
+    for cache in caches[1:]:  # ids compared block by block: bounded memory at any size
+        if not (array_equal_blocks(cache.image_ids, first.image_ids)
+                and array_equal_blocks(cache.text_ids, first.text_ids)):
             raise CacheError(f"{cache.path}: row ids differ from {first.path} although both "
                              "claim the same dataset; rebuild them with `distill teach`")
     return caches
 
 
 def open_targets(paths: Sequence[str], manifest: Manifest,
-                 sources: TargetSources | None = None) -> TeacherTargets:
-    """Open the caches of ``paths`` (and the role stores of ``sources``) for ``manifest``."""
+                 sources: TargetSources | None = None,
+                 read: ReadOptions = ReadOptions()) -> TeacherTargets:
+    """Open the caches of ``paths`` (and the role stores of ``sources``) for ``manifest``.
+
+    Arrays are read lazily (:class:`~pipeline.rows.RowReader`, ``read.cache_bytes`` of decoded
+    chunks kept per array); see the module docstring.
+    """
     if not paths:
         raise CacheError("train.caches is empty: list at least one teacher cache (a .zarr store)")
-    caches = _open_caches(list(paths), manifest)
+    caches = _open_caches(list(paths), manifest, read)
     first = caches[0]
     found: dict[str, str] = {}
     for cache in caches:
@@ -117,29 +248,31 @@ def open_targets(paths: Sequence[str], manifest: Manifest,
     image_emb, text_emb = (getattr(by_path[found[f]], f) if f in found else None
                            for f in ("image_emb", "text_emb"))
     both = [c for c in caches if c.image_emb is not None and c.text_emb is not None]
+    index = RowIndex(manifest, first.image_ids, first.text_ids)
     targets = TeacherTargets(
         paths=tuple(str(p) for p in paths), image_emb=image_emb, text_emb=text_emb,
         logit_scale=(both[0] if both else first).logit_scale,
-        image_rows=first.image_row(), text_rows=first.text_row(),
+        image_rows=IdRows(index, "image"), text_rows=IdRows(index, "text"),
         text_to_image=first.text_to_image,
         image_valid=np.logical_and.reduce([c.image_valid for c in caches]),
         text_valid=np.logical_and.reduce([c.text_valid for c in caches]),
-        sources=found, teacher_fingerprints={str(c.path): c.teacher_fingerprint for c in caches})
+        sources=found, teacher_fingerprints={str(c.path): c.teacher_fingerprint for c in caches},
+        row_index=index)
     if sources is not None:
-        _add_roles(targets, sources, manifest, first)
-        _add_neighbors(targets, sources, manifest)
-        _add_itm(targets, sources, manifest)
+        _add_roles(targets, sources, manifest, first, read)
+        _add_neighbors(targets, sources, manifest, read.cache_bytes)
+        _add_itm(targets, sources, manifest, read.cache_bytes)
     return targets
 
 
 def _add_roles(targets: TeacherTargets, sources: TargetSources, manifest: Manifest,
-               reference: TeacherCache) -> None:
+               reference: TeacherCache, read: ReadOptions) -> None:
     """Attach the single-modal and single-stream teachers' embeddings."""
     for role, fields in ROLE_FIELDS.items():
         path = getattr(sources, role)
         if path is None:
             continue
-        cache = _open_caches([str(reference.path), path], manifest)[1]
+        cache = _open_caches([str(reference.path), path], manifest, read)[1]
         for name, modality in fields.items():
             emb = getattr(cache, f"{modality}_emb")
             if emb is None:
@@ -153,7 +286,8 @@ def _add_roles(targets: TeacherTargets, sources: TargetSources, manifest: Manife
         targets.text_valid &= cache.text_valid
 
 
-def _add_neighbors(targets: TeacherTargets, sources: TargetSources, manifest: Manifest) -> None:
+def _add_neighbors(targets: TeacherTargets, sources: TargetSources, manifest: Manifest,
+                   cache_bytes: int) -> None:
     """Attach the cross-modal teacher's top-k neighbours (candidates, sampler)."""
     if sources.neighbors is None:
         return
@@ -161,7 +295,8 @@ def _add_neighbors(targets: TeacherTargets, sources: TargetSources, manifest: Ma
 
     cross = targets.sources.get("image_emb")
     store = open_neighbors(sources.neighbors, expect_dataset=manifest.fingerprint,
-                           expect_teacher=None if cross is None else targets.teacher_fingerprints[cross])
+                           expect_teacher=None if cross is None else targets.teacher_fingerprints[cross],
+                           lazy=True, cache_bytes=cache_bytes)
     attrs = store["attrs"]
     for name in ("i2t_topk_idx", "i2i_topk_idx", "t2i_topk_idx", "t2t_topk_idx"):
         if name in store:
@@ -170,22 +305,35 @@ def _add_neighbors(targets: TeacherTargets, sources: TargetSources, manifest: Ma
     targets.teacher_fingerprints[sources.neighbors] = attrs["source_teacher_fingerprint"]
 
 
-def _add_itm(targets: TeacherTargets, sources: TargetSources, manifest: Manifest) -> None:
+def _add_itm(targets: TeacherTargets, sources: TargetSources, manifest: Manifest,
+             cache_bytes: int) -> None:
     """Attach the single-stream teacher's scores of each image's first candidates (MCAD)."""
     if sources.itm_scores is None:
         return
     from pipeline.formats.itm import open_itm_scores
 
-    scores = open_itm_scores(sources.itm_scores, expect_dataset=manifest.fingerprint)
+    scores = open_itm_scores(sources.itm_scores, expect_dataset=manifest.fingerprint, lazy=True,
+                             cache_bytes=cache_bytes)
     topk = targets.topk.get("i2t_topk_idx")
     if topk is None:
         raise CacheError(f"train.itm_scores = {sources.itm_scores} scores the candidates of a "
                          "neighbours store: set train.neighbors to that store too")
     k = scores.cand_idx.shape[1]
-    if topk.shape[1] < k or not np.array_equal(scores.cand_idx, topk[:, :k]):
+    if topk.shape[1] < k or not _first_columns_equal(scores.cand_idx, topk, k):
         raise CacheError(f"train.itm_scores = {sources.itm_scores}: its candidates are not the "
                          f"first {k} neighbours of train.neighbors = {sources.neighbors}; rerun "
                          "`distill itm` on those neighbours (or `dvc repro`)")
     targets.cand_itm = scores.cand_itm
     targets.image_valid &= scores.image_valid  # images the single-stream teacher could not read
     targets.sources["i2t_cand_itm"] = sources.itm_scores
+
+
+def _first_columns_equal(cand_idx: RowArray, topk: RowArray, k: int, rows: int = 1 << 16) -> bool:
+    """Whether ``cand_idx == topk[:, :k]``, compared block by block (bounded memory)."""
+    if cand_idx.shape[0] != topk.shape[0]:
+        return False
+    for start in range(0, cand_idx.shape[0], rows):
+        stop = min(start + rows, cand_idx.shape[0])
+        if not np.array_equal(cand_idx[start:stop], topk[start:stop][:, :k]):
+            return False
+    return True

@@ -1,9 +1,11 @@
 """Stage 2 (``train``): fit a student dual encoder to cached teacher embeddings.
 
 Teacher targets come only from the Zarr caches written by ``teach``; this module never builds or
-imports a teacher, so a training run costs no teacher forward pass. The loop is single-process
-and keeps all its state in a ``TrainRun`` (no globals), so a DistributedDataParallel wrapper
-can be added around it later.
+imports a teacher, so a training run costs no teacher forward pass. The loop keeps all its
+state in a ``TrainRun`` (no globals). Under ``torchrun`` (``distill train --nproc N``) every
+process runs the same loop on its own shards, the student wrapped in DistributedDataParallel and
+the losses computed on the global batch (:mod:`pipeline.distributed`); rank 0 alone writes the
+checkpoint (with every rank's loader position), the log and the outputs.
 
 Outputs in ``out_dir``: ``student.safetensors`` + ``student.json`` (the final model),
 ``train_log.csv`` (one row per ``log_every`` steps) and ``train_summary.json``. While a run is
@@ -14,6 +16,7 @@ inside ``out_dir`` could never be resumed; a finished run publishes the log and 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -31,6 +34,8 @@ from torch import Tensor
 
 from pipeline.data.shards import Manifest, load_manifest
 from pipeline.devices import resolve_device, torch_threads
+from pipeline.distributed import (SINGLE, World, all_gather_objects, barrier, close_world, device_for,
+                                  gather_batch, init_world, local_batch_size)
 from pipeline.config import DEVICE_PATTERN, check_settings, from_dict, load_params, recipe_fields, setting
 from pipeline.errors import CacheError, PipelineError
 from pipeline.fingerprint import fingerprint
@@ -40,7 +45,7 @@ from pipeline.loader import (DistillStream, LoaderState, PlannedStream, SkipEven
                              iter_batches)
 from pipeline.sampler import (hard_negative_rate, image_neighbors_from_i2t, plan_epoch,
                               random_batch_rate)
-from pipeline.targets import TargetSources, TeacherTargets, open_targets
+from pipeline.targets import ReadOptions, TargetSources, TeacherTargets, open_targets
 from pipeline.losses import (CombinedLoss, LossTerm, build_objective,
                              check_requirements)
 from pipeline.progress import progress_task
@@ -93,6 +98,10 @@ class TrainConfig:
     device: str = setting("auto", pattern=DEVICE_PATTERN)  # "auto" = cuda when available, else cpu
     threads: int | None = setting(None, minimum=1)  # torch threads of the training process; null =
                                               # torch's default, one per core (DataLoader workers use 1)
+    target_cache_mb: int = setting(64, minimum=1)  # decoded store chunks kept per target array
+                                              # (rows are read from the stores, never loaded whole)
+    verify_stores: bool = True                # read every store chunk once at start (checksums,
+                                              # fill values); false: each chunk when first read
     amp: bool = True                          # bf16 autocast for the towers on CUDA (ignored on CPU)
     on_bad_image: Literal["skip", "strict"] = "skip"  # skip: count undecodable images and go on
     resume: bool = True                       # continue an interrupted run from its scratch checkpoint
@@ -147,6 +156,8 @@ class TrainRun:
     skip_events: int = 0                                   # skips over all epochs
     teacher_forward_calls: int = 0                         # measured; must stay 0
     sampler: dict[str, float] = field(default_factory=dict)  # hard-negative batch statistics
+    world: World = SINGLE                                  # this process among torchrun's
+    model: Any = None                                      # DistributedDataParallel(StepModel) or None
 
     @property
     def out(self) -> Path:
@@ -241,11 +252,43 @@ def batch_plan(cfg: TrainConfig, objective: CombinedLoss, targets: TeacherTarget
                      objective.uses_levels, captions)
 
 
-def setup(cfg: TrainConfig) -> TrainRun:
+class StepModel(torch.nn.Module):
+    """Student and objective as one module: what DistributedDataParallel wraps. A forward runs
+    the student on the local batch, gathers the global batch and returns the objective's
+    ``(total, terms)``."""
+
+    def __init__(self, student: Student, objective: CombinedLoss) -> None:
+        super().__init__()
+        self.student, self.objective = student, objective
+
+    def forward(self, plan: BatchPlan, batch: dict[str, Any], device: torch.device, amp: bool,
+                world: World) -> tuple[Tensor, dict[str, Tensor]]:
+        distill = gather_batch(assemble(plan, self.student, batch, device, amp), world)
+        return self.objective(distill)
+
+
+def check_world(cfg: TrainConfig, manifest: Manifest, world: World) -> None:
+    """Refuse a process count the split or the batch cannot be divided by."""
+    local_batch_size(cfg.batch_size, world)
+    readers = world.size * max(1, cfg.num_workers)
+    if world.active and not cfg.hard_negative_fraction and len(manifest.shards) < world.size:
+        raise PipelineError(f"{manifest.root}: {len(manifest.shards)} shards cannot be split across "
+                            f"{world.size} training processes (each reads whole shards); write the "
+                            f"split in at least {world.size} shards (prepare.shard_size) or use fewer")
+    if world.active and len(manifest.shards) < readers and not cfg.hard_negative_fraction:
+        LOG.warning(f"{len(manifest.shards)} shards for {readers} readers ({world.size} processes x "
+                    f"{max(1, cfg.num_workers)} workers): some readers stay idle")
+
+
+def setup(cfg: TrainConfig, world: World = SINGLE) -> TrainRun:
     """Open data and stores, build student, objective and optimizer (deterministic in seed)."""
     manifest = load_manifest(Path(cfg.dataset) / cfg.split)
-    targets = open_targets(cfg.caches, manifest, target_sources(cfg))
-    device = torch.device(resolve_device(cfg.device))
+    check_world(cfg, manifest, world)
+    targets = open_targets(cfg.caches, manifest, target_sources(cfg),
+                           ReadOptions(cfg.target_cache_mb << 20, cfg.verify_stores))
+    device = torch.device(device_for(resolve_device(cfg.device), world))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
     student = create_student(cfg.student, **cfg.student_kwargs)
     objective = build_objective(cfg.losses, student.embed_dim, targets.dims,
@@ -256,8 +299,21 @@ def setup(cfg: TrainConfig) -> TrainRun:
     student.to(device).train()
     objective.to(device).train()
     optimizer = make_optimizer(student, objective, cfg)
+    model = None
+    if world.active:  # gradients averaged over the ranks; parameters broadcast from rank 0
+        model = torch.nn.parallel.DistributedDataParallel(
+            StepModel(student, objective), device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)  # e.g. a balancer's weights outside some steps' graph
     return TrainRun(cfg, device, manifest, targets, student, objective, optimizer,
-                    total_steps(cfg, targets), run_fingerprint(cfg, manifest, targets), plan)
+                    total_steps(cfg, targets), run_fingerprint(cfg, manifest, targets), plan,
+                    world=world, model=model)
+
+
+def step_loss(run: TrainRun, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The objective on the (global) batch: through DistributedDataParallel under torchrun."""
+    if run.model is not None:
+        return run.model(run.plan, batch, run.device, run.cfg.amp, run.world)
+    return run.objective(assemble(run.plan, run.student, batch, run.device, run.cfg.amp))
 
 
 def train_step(run: TrainRun, batch: dict[str, Any]) -> dict[str, float]:
@@ -265,8 +321,7 @@ def train_step(run: TrainRun, batch: dict[str, Any]) -> dict[str, float]:
     lr = lr_at(run.step + 1, run.cfg.lr, run.cfg.warmup_steps, run.total_steps)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    distill = assemble(run.plan, run.student, batch, run.device, run.cfg.amp)
-    total, terms = run.objective(distill)
+    total, terms = step_loss(run, batch)
     run.optimizer.zero_grad(set_to_none=True)
     total.backward()
     if run.cfg.grad_clip_norm is not None:
@@ -308,15 +363,30 @@ def _optimizer_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> dict[s
 
 
 def save_state(run: TrainRun) -> None:
-    """Write the resumable checkpoint atomically (weights, optimizer, step, loader, RNG)."""
+    """Write the resumable checkpoint atomically (weights, optimizer, step, loader, RNG).
+
+    Under torchrun every rank sends rank 0 its loader position, RNG state and skips (a
+    collective: all ranks call this at the same step); rank 0 writes them all."""
+    rng = {"torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    ranks = all_gather_objects({"loader": asdict(run.loader_state), "rng": rng,
+                                "skipped": run.skipped, "skip_events": run.skip_events}, run.world)
+    if not run.world.main:
+        return
     extra: dict[str, Any] = {f"objective/{k}": v for k, v in run.objective.state_dict().items()}
     extra.update(_optimizer_extra(run.optimizer))
-    extra["rng/torch"] = torch.get_rng_state()
-    if run.device.type == "cuda":
-        extra["rng/cuda"] = torch.cuda.get_rng_state(run.device)
-    extra.update(step=run.step, loader=asdict(run.loader_state), samples_seen=run.samples_seen,
-                 skipped=run.skipped, skip_events=run.skip_events,
-                 run_fingerprint=run.run_fingerprint)
+    for r, state in enumerate(ranks):
+        suffix = "" if r == 0 else f"/{r}"
+        for name, value in state["rng"].items():
+            extra[f"rng/{name}{suffix}"] = value
+    skipped: dict[str, str] = {}
+    for state in ranks:
+        skipped.update(state["skipped"])
+    extra.update(step=run.step, loader=ranks[0]["loader"], samples_seen=run.samples_seen,
+                 skipped=skipped, skip_events=sum(st["skip_events"] for st in ranks),
+                 run_fingerprint=run.run_fingerprint, world_size=run.world.size,
+                 rank_loaders=[st["loader"] for st in ranks])
     save_checkpoint(run.checkpoint_path, run.student, extra, run.student.spec())
 
 
@@ -336,19 +406,32 @@ def stale_checkpoint(run: TrainRun) -> str | None:
 
 
 def restore_state(run: TrainRun) -> None:
-    """Load the scratch checkpoint into ``run`` (its fingerprint was checked)."""
+    """Load the scratch checkpoint into ``run`` (its fingerprint was checked); refuse one made
+    by another number of training processes (each rank's stream position would not exist)."""
     tensors, meta = read_checkpoint(run.checkpoint_path)
+    made_by = int(meta.get("world_size", 1))
+    if made_by != run.world.size:
+        raise PipelineError(
+            f"{run.checkpoint_path} was written by a run of {made_by} training process(es) at step "
+            f"{meta['step']}, and this run has {run.world.size}: the sample stream is split by "
+            f"process, so it resumes only with the same count. Resume with `distill train --nproc "
+            f"{made_by}` (torchrun --nproc_per_node {made_by}), or set train.resume: false (or "
+            f"delete {run.checkpoint_path.parent}) to start afresh")
     run.student.load_state_dict({k: v for k, v in tensors.items() if "/" not in k})
     prefix = "objective/"
     run.objective.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
                                    if k.startswith(prefix)})
     run.optimizer.load_state_dict(_optimizer_state(tensors, meta))
-    torch.set_rng_state(tensors["rng/torch"])
-    if run.device.type == "cuda" and "rng/cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng/cuda"], run.device)
-    run.step, run.loader_state = int(meta["step"]), LoaderState(**meta["loader"])
-    run.samples_seen, run.skipped = int(meta["samples_seen"]), dict(meta["skipped"])
-    run.skip_events = int(meta["skip_events"])
+    suffix = "" if run.world.rank == 0 else f"/{run.world.rank}"
+    torch.set_rng_state(tensors[f"rng/torch{suffix}"])
+    if run.device.type == "cuda" and f"rng/cuda{suffix}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"rng/cuda{suffix}"], run.device)
+    loaders = meta.get("rank_loaders") or [meta["loader"]]
+    run.step, run.loader_state = int(meta["step"]), LoaderState(**loaders[run.world.rank])
+    run.samples_seen = int(meta["samples_seen"])
+    # skips so far are rank 0's to report; the other ranks count only their new ones
+    run.skipped = dict(meta["skipped"]) if run.world.main else {}
+    run.skip_events = int(meta["skip_events"]) if run.world.main else 0
 
 
 class MetricsLog:
@@ -394,13 +477,17 @@ def make_dataset(run: TrainRun, epoch: int) -> DistillStream:
     transform = run.student.train_transform(augment=cfg.augment)
     if not cfg.hard_negative_fraction:
         return DistillStream(run.manifest, run.targets, transform, seed=cfg.seed, epoch=epoch,
-                             shuffle_buffer=cfg.shuffle_buffer, on_bad_image=cfg.on_bad_image)
+                             shuffle_buffer=cfg.shuffle_buffer, on_bad_image=cfg.on_bad_image,
+                             rank=run.world.rank, world_size=run.world.size)
     neighbors = image_neighbors(run.targets)
     batches = plan_epoch(run.targets.usable_image_rows(), neighbors, cfg.batch_size,
                          cfg.hard_negative_fraction, cfg.seed, epoch)
     # how often an image meets its nearest teacher neighbour in its batch, against chance
     run.sampler = {"epoch": epoch, "nearest_neighbour_in_batch": hard_negative_rate(batches, neighbors),
                    "by_chance": random_batch_rate(len(batches) * cfg.batch_size, cfg.batch_size)}
+    if run.world.active:  # each rank takes its slice of every global batch
+        local = cfg.batch_size // run.world.size
+        batches = [b[run.world.rank * local:(run.world.rank + 1) * local] for b in batches]
     order = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
     return PlannedStream(run.manifest, run.targets, transform, order, seed=cfg.seed, epoch=epoch,
                          on_bad_image=cfg.on_bad_image)
@@ -422,15 +509,21 @@ def _record_skips(run: TrainRun, skips: list[SkipEvent]) -> None:
 def _loop(run: TrainRun, log: MetricsLog, advance: Any, stop_after: int | None) -> dict[str, float]:
     """Train until ``total_steps`` (or ``stop_after``, as if killed there); returns last metrics."""
     cfg, last, info = run.cfg, {}, ""
-    batches = iter_batches(lambda e: make_dataset(run, e), cfg.batch_size, cfg.num_workers,
-                           run.loader_state)
+    batches = iter_batches(lambda e: make_dataset(run, e), local_batch_size(cfg.batch_size, run.world),
+                           cfg.num_workers, run.loader_state)
     t_log, seen_at_log = time.perf_counter(), run.samples_seen
+    coming = None  # the next batch, read one step ahead so its target rows decode meanwhile
     while run.step < run.total_steps and (stop_after is None or run.step < stop_after):
-        items, run.loader_state, skips = next(batches)
+        items, run.loader_state, skips = coming or next(batches)
+        coming = None
+        if run.step + 1 < run.total_steps and (stop_after is None or run.step + 1 < stop_after):
+            coming = next(batches)
+            run.targets.prefetch(np.array([it.image_row for it in coming[0]]),
+                                 np.array([it.text_row for it in coming[0]]))
         _record_skips(run, skips)
         last = train_step(run, collate(items))
         run.step += 1
-        run.samples_seen += len(items)
+        run.samples_seen += len(items) * run.world.size  # the global batch
         if run.step % cfg.log_every == 0 or run.step == run.total_steps:
             now = time.perf_counter()
             rate = (run.samples_seen - seen_at_log) / max(now - t_log, 1e-9)
@@ -455,27 +548,55 @@ def train(cfg: TrainConfig, progress: bool | None = None,
 
     Holds the lock of ``out_dir`` throughout: a second run on the same output (which would also
     share its scratch checkpoint) is refused naming the first (:class:`pipeline.lock.LockError`).
+
+    Under ``torchrun`` each process calls this; rank 0 holds the lock and writes everything, the
+    other ranks return the same summary without writing.
     """
-    with output_lock(Path(cfg.out_dir), "`distill train`"), torch_threads(cfg.threads):
-        return _train(cfg, progress, stop_after)
+    world = init_world("cuda" if resolve_device(cfg.device).startswith("cuda") else "cpu")
+    lock = output_lock(Path(cfg.out_dir), "`distill train`") if world.main else contextlib.nullcontext()
+    try:
+        with lock, torch_threads(cfg.threads):
+            return _train(cfg, progress if world.main else False, stop_after, world)
+    finally:
+        close_world(world)
 
 
-def _train(cfg: TrainConfig, progress: bool | None, stop_after: int | None) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    forwards_before = teacher_forwards()
-    run = setup(cfg)
-    resumed_from = None
-    discarded = None
-    if cfg.resume and run.checkpoint_path.exists():
-        discarded = stale_checkpoint(run)
-        if discarded:  # an interrupted run of other settings: start afresh, as teach does
+class _NoLog:
+    """The metrics log of a rank other than 0 (rank 0 writes the one log)."""
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _resume(run: TrainRun) -> tuple[int | None, str | None]:
+    """Restore the scratch checkpoint when it belongs to this configuration, else drop it.
+    Returns ``(resumed_from step, discarded run fingerprint)``."""
+    if not (run.cfg.resume and run.checkpoint_path.exists()):
+        barrier(run.world)
+        return None, None
+    discarded = stale_checkpoint(run)
+    barrier(run.world)  # every rank has read the checkpoint before rank 0 may remove it
+    if discarded:  # an interrupted run of other settings: start afresh, as teach does
+        if run.world.main:
             LOG.warning(f"{run.checkpoint_path} was made with other settings, data or teacher "
                         f"(run {discarded}); starting a new run")
             shutil.rmtree(run.work)
-        else:
-            restore_state(run)
-            resumed_from = run.step
-    log = MetricsLog(run.work / "train_log.csv", log_columns(run.objective), run.step)
+        return None, discarded
+    restore_state(run)
+    return run.step, None
+
+
+def _train(cfg: TrainConfig, progress: bool | None, stop_after: int | None,
+           world: World = SINGLE) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    forwards_before = teacher_forwards()
+    run = setup(cfg, world)
+    resumed_from, discarded = _resume(run)
+    log = (MetricsLog(run.work / "train_log.csv", log_columns(run.objective), run.step)
+           if world.main else _NoLog())
     start, t_loop = run.step, time.perf_counter()
     try:
         with progress_task(f"train {cfg.student}", run.total_steps, progress) as advance:
@@ -483,21 +604,35 @@ def _train(cfg: TrainConfig, progress: bool | None, stop_after: int | None) -> d
             last = _loop(run, log, advance, stop_after)
     except BaseException:
         log.close()
-        discard_unresumable(run)
+        if world.main:
+            discard_unresumable(run)
         raise
     log.close()
     run.teacher_forward_calls = teacher_forwards() - forwards_before
-    if run.teacher_forward_calls:  # targets must come from the caches alone
-        raise PipelineError(f"a teacher ran {run.teacher_forward_calls} forward passes during training")
+    if run.teacher_forward_calls:  # targets must come from the caches alone (on every rank)
+        raise PipelineError(f"a teacher ran {run.teacher_forward_calls} forward passes during training"
+                            + (f" (rank {world.rank})" if world.active else ""))
+    _merge_skips(run)
     loop_seconds, seconds = time.perf_counter() - t_loop, time.perf_counter() - t0
     finished = run.step >= run.total_steps
-    if finished:
-        publish(run)
     summary = make_summary(run, last, resumed_from, run.step - start, seconds, loop_seconds, finished)
     summary["discarded_checkpoint"] = discarded
-    run.out.mkdir(parents=True, exist_ok=True)
-    (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary["world_size"] = world.size
+    if world.main:
+        if finished:
+            publish(run)
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    barrier(world)  # the outputs exist before any rank returns
     return summary
+
+
+def _merge_skips(run: TrainRun) -> None:
+    """Every rank's skipped samples, for rank 0's summary (a collective)."""
+    ranks = all_gather_objects((run.skipped, run.skip_events), run.world)
+    if run.world.active:
+        run.skipped = {k: v for skipped, _ in ranks for k, v in skipped.items()}
+        run.skip_events = sum(events for _, events in ranks)
 
 
 def discard_unresumable(run: TrainRun) -> None:

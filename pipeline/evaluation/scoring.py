@@ -240,8 +240,11 @@ def qualitative_examples(split: EncodedSplit, rows: EvalRows, n: int, top: int =
 def score_teacher(cache: TeacherCache, rows: EvalRows, labels: list[str | None],
                    cfg: EvalConfig) -> Scores:
     """The teacher's scores from its cached embeddings on the joined rows."""
-    image_emb = cache.image_emb[rows.cache_image_rows] if cache.image_emb is not None else None
-    text_emb = cache.text_emb[rows.cache_text_rows] if cache.text_emb is not None else None
+    # Only the scored rows are read (a lazily opened cache reads them from the store), as float32.
+    image_emb = (cache.image_emb[rows.cache_image_rows].astype(np.float32)
+                 if cache.image_emb is not None else None)
+    text_emb = (cache.text_emb[rows.cache_text_rows].astype(np.float32)
+                if cache.text_emb is not None else None)
     return score_embeddings(image_emb, text_emb, rows.text_to_image, labels, cfg)
 
 

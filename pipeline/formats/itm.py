@@ -20,6 +20,7 @@ from pipeline.cache import (ROW_VALID, Layout, create_array, open_group_checked,
                             read_array, structure_faults, unwritten_rows)
 from pipeline.errors import CacheError, FingerprintMismatchError
 from pipeline.formats import StoreFormat, structure_then_rows
+from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader
 
 SCHEMA_NAME = "itm-scores.v1"
 SCHEMA_ID = "vlm-distill/itm-scores"
@@ -30,11 +31,11 @@ CURRENT_KEYS = ("schema", "schema_version", "single_teacher_fingerprint", "neigh
 
 @dataclass(frozen=True)
 class ItmScores:
-    """A verified ITM score store of one split, loaded into memory."""
+    """A verified ITM score store of one split, loaded into memory (or read on demand: lazy)."""
 
     path: Path
-    cand_idx: np.ndarray          # [N_images, k] int32 text rows; -1 = no candidate
-    cand_itm: np.ndarray          # [N_images, k] float32 ITM log-odds; NaN where cand_idx is -1
+    cand_idx: Any                 # [N_images, k] int32 text rows; -1 = no candidate
+    cand_itm: Any                 # [N_images, k] float32 ITM log-odds; NaN where cand_idx is -1
     image_valid: np.ndarray       # [N_images] bool
     k: int
     dataset_fingerprint: str
@@ -55,15 +56,16 @@ def create(path: Path, attrs: dict[str, Any], *, n_images: int, layout: Layout) 
     return group
 
 
-def row_faults(idx: np.ndarray, itm: np.ndarray, status: np.ndarray) -> list[str]:
-    """Rows never written or read back as fill values (status 0, index -1, score NaN)."""
+def row_faults(idx: np.ndarray, itm: np.ndarray, status: np.ndarray, offset: int = 0) -> list[str]:
+    """Rows never written or read back as fill values (status 0, index -1, score NaN);
+    ``offset``: the row number of ``idx[0]``."""
     has = idx >= 0
     bad = (status == 0) | ((status == ROW_VALID) & ((has != np.isfinite(itm)).any(axis=1) | ~has.any(axis=1)))
     rows = np.flatnonzero(bad)
     if not rows.size:
         return []
     return [f"{rows.size} image rows were never written or read back as fill values (first rows "
-            f"{rows[:5].tolist()})"]
+            f"{(offset + rows[:5]).tolist()})"]
 
 
 def unwritten_faults(group: zarr.Group) -> list[str]:
@@ -77,9 +79,11 @@ def _stored_row_faults(group: zarr.Group) -> list[str]:
                       np.asarray(group["image_status"][:]))
 
 
-def open_itm_scores(path: str | Path, expect_dataset: str | None = None) -> ItmScores:
+def open_itm_scores(path: str | Path, expect_dataset: str | None = None, *, lazy: bool = False,
+                    cache_bytes: int = DEFAULT_CACHE_BYTES) -> ItmScores:
     """Open and check one split's ITM score store: schema, completeness, the dataset fingerprint
-    (when ``expect_dataset`` is given) and that no row reads back as fill values."""
+    (when ``expect_dataset`` is given) and that no row reads back as fill values. ``lazy``: the
+    score arrays are :class:`~pipeline.rows.RowReader` views, checked block by block."""
     path = Path(path)
     group = open_group_checked(path, SCHEMA_NAME)
     attrs = dict(group.attrs)
@@ -87,10 +91,19 @@ def open_itm_scores(path: str | Path, expect_dataset: str | None = None) -> ItmS
         raise FingerprintMismatchError("dataset", str(path), expect_dataset, attrs["dataset_fingerprint"],
                                        "rerun `distill itm` (or `dvc repro`), or point to the right store")
     raise_faults(path, structure_faults(path, group))  # edited attributes; a lost shard reads as fill
-    idx = read_array(group, "i2t_cand_idx", path).astype(np.int32)
-    itm = read_array(group, "i2t_cand_itm", path).astype(np.float32)
     status = read_array(group, "image_status", path)
-    faults = row_faults(idx, itm, status)
+    if lazy:
+        idx = RowReader(path, "i2t_cand_idx", cache_bytes=cache_bytes)
+        itm = RowReader(path, "i2t_cand_itm", cache_bytes=cache_bytes)
+        faults = []
+        for (start, idx_block), (_, itm_block) in zip(idx.blocks(1 << 16), itm.blocks(1 << 16)):
+            faults = row_faults(idx_block, itm_block, status[start:start + len(idx_block)], start)
+            if faults:
+                break
+    else:
+        idx = read_array(group, "i2t_cand_idx", path).astype(np.int32)
+        itm = read_array(group, "i2t_cand_itm", path).astype(np.float32)
+        faults = row_faults(idx, itm, status)
     if faults:
         raise CacheError(
             f"{path}: {faults[0]}: a shard file is missing or the run did not finish; restore "

@@ -16,6 +16,7 @@ import zarr
 from pipeline.cache import (Layout, base_attrs, check_fingerprint, create_array, open_group_checked,
                             raise_faults, read_array, structure_faults, validate_attrs)
 from pipeline.formats import StoreFormat, structure_then_rows
+from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader
 
 SCHEMA_NAME = "neighbors.v1"
 SCHEMA_ID = "vlm-distill/neighbors"
@@ -71,12 +72,15 @@ def unwritten_faults(group: zarr.Group) -> list[str]:
 
 
 def open_neighbors(path: str | Path, expect_teacher: str | None = None,
-                   expect_dataset: str | None = None) -> dict[str, np.ndarray]:
+                   expect_dataset: str | None = None, *, lazy: bool = False,
+                   cache_bytes: int = DEFAULT_CACHE_BYTES) -> dict[str, Any]:
     """Load a verified neighbour store as ``{array name: array}`` (plus ``attrs``).
 
     Runs the cheap checks of ``distill cache verify``: schema, completeness, the expected source
     teacher and dataset fingerprints (when given), array layout, every shard file present, every
-    chunk's checksum (all arrays are read), and no row read back as fill values.
+    chunk's checksum (all arrays are read), and no row read back as fill values. ``lazy``: the
+    arrays are :class:`~pipeline.rows.RowReader` views (rows read on demand); the same checks
+    run over the store block by block, so memory stays bounded.
     """
     path = Path(path)
     group = open_group_checked(path, SCHEMA_NAME)
@@ -85,10 +89,26 @@ def open_neighbors(path: str | Path, expect_teacher: str | None = None,
     check_fingerprint("source teacher", path, expect_teacher, attrs["source_teacher_fingerprint"], hint)
     check_fingerprint("dataset", path, expect_dataset, attrs["dataset_fingerprint"], hint)
     raise_faults(path, structure_faults(path, group))
-    arrays: dict[str, Any] = {name: read_array(group, name, path) for name in group.array_keys()}
+    if lazy:
+        arrays: dict[str, Any] = {name: RowReader(path, name, cache_bytes=cache_bytes)
+                                  for name in group.array_keys()}
+        raise_faults(path, [f for d in attrs["directions"] for f in _block_faults(arrays, d)])
+        arrays["attrs"] = attrs
+        return arrays
+    arrays = {name: read_array(group, name, path) for name in group.array_keys()}
     raise_faults(path, [f for d in attrs["directions"] for f in topk_row_faults(arrays, d)])
     arrays["attrs"] = attrs
     return arrays
+
+
+def _block_faults(arrays: dict[str, RowReader], direction: str, rows: int = 1 << 16) -> list[str]:
+    """:func:`topk_row_faults` of one direction, read ``rows`` rows at a time."""
+    idx, sim = arrays[f"{direction}_topk_idx"], arrays[f"{direction}_topk_sim"]
+    for (start, idx_block), (_, sim_block) in zip(idx.blocks(rows), sim.blocks(rows)):
+        faults = topk_row_faults({idx.name: idx_block, sim.name: sim_block}, direction, start)
+        if faults:
+            return faults
+    return []
 
 
 published_faults = structure_then_rows(unwritten_faults)  # a kept store
