@@ -12,6 +12,7 @@ averaged gradient equals a single process's on the same global batch.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from typing import Any
@@ -21,6 +22,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipeline.errors import PipelineError
+
+# The differentiable all_gather is public API whose replacement is still private
+# (torch.distributed._functional_collectives); its deprecation notice says nothing to a user.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated",
+                        category=FutureWarning)
 
 
 @dataclass(frozen=True)
