@@ -19,7 +19,7 @@ full [Nq, Nk] matrix. Two tricks keep this exact and cheap:
 
 The faiss backend (``faiss-cpu`` is a dependency; about 1.5x faster than torch here, with less
 memory, BENCHMARKS.md §5) lets faiss do the heavy part: its ``knn`` (the search of
-``IndexFlatIP`` without building an index, so without a copy of the keys) returns a few more
+``IndexFlatIP`` without building an index, so without a copy of the keys) returns one more
 than k candidates per query, and the exact order is restored here. faiss keeps the right *set*
 of the top candidates but not the order of equal similarities, so each row's candidates are
 re-sorted by (similarity desc, index asc); the result is exact whenever the k-th similarity is
@@ -152,7 +152,7 @@ def _check(q: torch.Tensor, keys: torch.Tensor, k: int, key_valid, exclude_self:
 
 
 Backend = Literal["auto", "faiss", "torch"]
-_SLACK = 8  # candidates searched beyond k, so that ties at the boundary rarely need a second search
+_SLACK = 1  # candidates searched beyond k: one suffices to prove the k-th is exact unless it ties
 
 
 def blocked_topk(
