@@ -53,8 +53,6 @@ class RowIndex:
                              for i, (n, s) in enumerate(zip(names, manifest.shards))}
         self.text_slices = {n: (txt_off[i], txt_off[i] + s.n_texts)
                             for i, (n, s) in enumerate(zip(names, manifest.shards))}
-        self.image_starts = np.asarray(img_off, dtype=np.int64)
-        self.names = names
         self.image_ids, self.text_ids, self.max_shards = image_ids, text_ids, max_shards
         self._maps: OrderedDict[tuple[str, str], dict[str, int]] = OrderedDict()
 
@@ -214,16 +212,25 @@ class ReadOptions:
     verify: bool = True                     # read every chunk once at open (checksums, fill values)
 
 
+def _open_cache(path: str, manifest: Manifest, read: ReadOptions) -> TeacherCache:
+    return TeacherCache.open(path, expect_dataset=manifest.fingerprint, lazy=True,
+                             verify=read.verify, cache_bytes=read.cache_bytes)
+
+
+def _check_same_rows(cache: TeacherCache, first: TeacherCache) -> None:
+    """Refuse a cache whose row ids differ from ``first``'s (compared block by block: bounded
+    memory at any size)."""
+    if not (array_equal_blocks(cache.image_ids, first.image_ids)
+            and array_equal_blocks(cache.text_ids, first.text_ids)):
+        raise CacheError(f"{cache.path}: row ids differ from {first.path} although both "
+                         "claim the same dataset; rebuild them with `distill teach`")
+
+
 def _open_caches(paths: Sequence[str], manifest: Manifest,
                  read: ReadOptions = ReadOptions()) -> list[TeacherCache]:
-    caches = [TeacherCache.open(p, expect_dataset=manifest.fingerprint, lazy=True,
-                                verify=read.verify, cache_bytes=read.cache_bytes) for p in paths]
-    first = caches[0]
-    for cache in caches[1:]:  # ids compared block by block: bounded memory at any size
-        if not (array_equal_blocks(cache.image_ids, first.image_ids)
-                and array_equal_blocks(cache.text_ids, first.text_ids)):
-            raise CacheError(f"{cache.path}: row ids differ from {first.path} although both "
-                             "claim the same dataset; rebuild them with `distill teach`")
+    caches = [_open_cache(p, manifest, read) for p in paths]
+    for cache in caches[1:]:
+        _check_same_rows(cache, caches[0])
     return caches
 
 
@@ -272,7 +279,8 @@ def _add_roles(targets: TeacherTargets, sources: TargetSources, manifest: Manife
         path = getattr(sources, role)
         if path is None:
             continue
-        cache = _open_caches([str(reference.path), path], manifest, read)[1]
+        cache = _open_cache(path, manifest, read)  # the reference is open (and verified) already
+        _check_same_rows(cache, reference)
         for name, modality in fields.items():
             emb = getattr(cache, f"{modality}_emb")
             if emb is None:
