@@ -138,7 +138,10 @@ def cluster(args: argparse.Namespace) -> Iterator[str | None]:
     import dask
     from distributed import LocalCluster
 
-    with dask.config.set({"distributed.worker.daemon": False}), \
+    from pipeline.executors import local_worker_config
+
+    threads = args.torch_threads or max(1, torch.get_num_threads() // args.workers)
+    with dask.config.set(local_worker_config(threads)), \
             LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                          dashboard_address=":0") as c:
         yield c.scheduler_address

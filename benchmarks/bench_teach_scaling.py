@@ -59,13 +59,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import dask
     from distributed import LocalCluster
 
+    from pipeline.executors import local_worker_config
+
     args = parse_args(argv)
     sizes = (1, args.workers)
     with tempfile.TemporaryDirectory(prefix="bench-scaling-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         root, source = dataset_root(args, work)
         manifest = load_manifest(root / args.split)
-        stack.enter_context(dask.config.set({"distributed.worker.daemon": False}))
+        stack.enter_context(dask.config.set(local_worker_config(1)))  # one torch thread per worker
         clusters = {n: stack.enter_context(LocalCluster(n_workers=n, threads_per_worker=1,
                                                         processes=True, dashboard_address=":0"))
                     for n in sizes}

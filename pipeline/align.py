@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from pipeline import __version__
 from pipeline.cache import (ROW_VALID, Layout, TeacherCache, open_group_checked, raise_faults,
-                            read_strings, structure_faults, teacher_store_attrs)
+                            read_strings, structure_faults, teacher_schema_at, teacher_store_attrs)
 from pipeline.config import check_settings, setting
 from pipeline.devices import torch_threads
 from pipeline.errors import CacheError, ConfigError
@@ -48,6 +48,7 @@ from pipeline.lock import output_lock
 from pipeline.progress import note
 from pipeline.runner import StoreJob, Unit, run_store_stage, shard_units
 from pipeline.scratch import write_durable
+from pipeline.views import ViewSpec
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp of the learned scale
@@ -150,13 +151,14 @@ class SourcePair:
     dataset_fingerprint: str
     n_images: int
     n_texts: int
+    views: ViewSpec = ViewSpec()  # the vision store's views: the aligned store gets the same
 
 
 def _source_attrs(path: Path, need: str, role: str) -> dict[str, Any]:
     if not (path / "zarr.json").exists():
         raise CacheError(f"align: {role} cache {path} not found: run `distill teach` for that "
                          "teacher first (or `dvc repro`)")
-    group = open_group_checked(path, teacher_format.SCHEMA_NAME)
+    group = open_group_checked(path, teacher_schema_at(path))
     raise_faults(path, structure_faults(path, group))
     attrs = dict(group.attrs)
     if need not in attrs["modalities"]:
@@ -190,7 +192,7 @@ def source_pairs(cfg: AlignConfig) -> dict[str, SourcePair]:
                              f"({va['n_images']}/{va['n_texts']} vs {ta['n_images']}/{ta['n_texts']} "
                              "images/texts) although their dataset fingerprints agree: rebuild them")
         pairs[split] = SourcePair(split, vpath, tpath, va["dataset_fingerprint"], va["n_images"],
-                                  va["n_texts"])
+                                  va["n_texts"], ViewSpec.from_attrs(va))
     return pairs
 
 
@@ -386,13 +388,17 @@ class AlignWork:
         feat = torch.from_numpy(src[f"{kind}_emb"][rows].astype(np.float32))
         valid = torch.from_numpy(status == ROW_VALID)
         heads = self._heads()
-        with torch.no_grad():
-            emb = (heads.image if kind == "image" else heads.caption)(torch.nan_to_num(feat))
+        with torch.no_grad():  # every view of a [n, V, D] store goes through the same head
+            flat = torch.nan_to_num(feat).reshape(-1, feat.shape[-1])
+            emb = (heads.image if kind == "image" else heads.caption)(flat)
+            emb = emb.reshape(*feat.shape[:-1], emb.shape[-1])
         emb[~valid] = 0.0  # invalid rows hold zeros, as `teach` writes them
         arrays = {f"{kind}_id": read_strings(src[f"{kind}_id"][rows]), f"{kind}_status": status,
                   f"{kind}_emb": emb.numpy().astype(np.float16)}
         if kind == "text":
             arrays["text_to_image"] = src["text_to_image"][rows]
+        elif "image_view" in src:
+            arrays["image_view"] = src["image_view"][rows]
         return arrays, {"forward_calls": 0}
 
 
@@ -405,7 +411,7 @@ def plan_align(cfg: AlignConfig, pairs: dict[str, SourcePair], heads: AlignHeads
     for split, pair in pairs.items():
         attrs = teacher_store_attrs(teacher_fp, pair.dataset_fingerprint, split,
                                     frozenset({"image", "text"}), cfg.embed_dim, spec["logit_scale"],
-                                    pair.n_images, pair.n_texts, layout,
+                                    pair.n_images, pair.n_texts, layout, views=pair.views,
                                     compute={"device": "cpu", "torch": torch.__version__, "autocast": "none"},
                                     on_bad_image="skip")
         stores[f"{split}.zarr"] = StoreSpec(teacher_format.FORMAT, attrs, dict(

@@ -26,6 +26,7 @@ class BatchPlan:
     itm_candidates: int = 0        # K_itm: of those, how many carry single-stream ITM scores
     levels: bool = False           # intermediate features of both towers
     captions: list[str] | None = None   # caption by text row (needed when candidates > 0)
+    views: bool = False            # targets of each sample's replayed view (train.views: sample)
     _tokens: dict[int, Tensor] = field(default_factory=dict)
 
     def tokens(self, student: Student, rows: np.ndarray) -> Tensor:
@@ -48,6 +49,42 @@ def _rows(emb: Any, rows: np.ndarray, device: torch.device) -> Tensor | None:
         return None
     values = torch.from_numpy(np.ascontiguousarray(emb[rows])).to(device, non_blocking=True)
     return values.float() if values.is_floating_point() else values
+
+
+def _view_rows(views: Any, rows: np.ndarray, view: np.ndarray, device: torch.device) -> Tensor:
+    """Row ``rows[j]``'s embedding of view ``view[j]`` from a ``[N, V, D]`` store, as ``_rows``."""
+    values = np.asarray(views[rows])[np.arange(len(rows)), view]
+    return torch.from_numpy(np.ascontiguousarray(values)).to(device, non_blocking=True).float()
+
+
+def image_targets(t: TeacherTargets, image_rows: np.ndarray, view: np.ndarray | None,
+                  device: torch.device) -> dict[str, Tensor | None]:
+    """Per-image teacher rows of a batch: ``image_emb`` and the role image fields, of each
+    sample's replayed view where its store holds views (``view`` is None: view 0)."""
+    replay = view is not None and t.image_views is not None
+    out = {"image_emb": (_view_rows(t.image_views, image_rows, view, device) if replay
+                         else _rows(t.image_emb, image_rows, device))}
+    for name, emb in t.role_emb.items():
+        if ROLE_ROW_KIND[name] == "image":
+            views = t.role_views.get(name) if replay else None
+            out[name] = (_view_rows(views, image_rows, view, device) if views is not None
+                         else _rows(emb, image_rows, device))
+    return out
+
+
+def ensemble_fields(t: TeacherTargets, image_rows: np.ndarray, text_rows: np.ndarray,
+                    view: np.ndarray | None, device: torch.device) -> dict[str, Any]:
+    """Every ensemble member's rows of the batch (one read per teacher), or nothing."""
+    if not t.ensemble:
+        return {}
+    images, texts = [], []
+    for m in t.members:
+        replay = view is not None and m.image_views is not None
+        images.append(_view_rows(m.image_views, image_rows, view, device) if replay
+                      else _rows(m.image_emb, image_rows, device))
+        texts.append(_rows(m.text_emb, text_rows, device))
+    return {"ensemble_image_emb": tuple(images), "ensemble_text_emb": tuple(texts),
+            "ensemble_logit_scale": tuple(float(m.logit_scale) for m in t.members)}
 
 
 def _encode(student: Student, pixels: Tensor, tokens: Tensor, levels: bool
@@ -89,12 +126,19 @@ def assemble(plan: BatchPlan, student: Student, batch: dict[str, Any], device: t
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         image_emb, text_emb, image_levels, text_levels = _encode(student, pixels, tokens, plan.levels)
         extra = candidate_fields(plan, student, image_rows, device) if plan.candidates else {}
-    roles = {name: _rows(emb, text_rows if ROLE_ROW_KIND[name] == "text" else image_rows, device)
+    view = batch["views"].numpy() if plan.views else None
+    images = image_targets(t, image_rows, view, device)
+    roles = {name: images[name] if name in images else _rows(emb, text_rows, device)
              for name, emb in t.role_emb.items()}
+    if t.ensemble:  # the first member's rows are the batch's own teacher fields: read once
+        members = ensemble_fields(t, image_rows, text_rows, view, device)
+        teacher_image, teacher_text = members["ensemble_image_emb"][0], members["ensemble_text_emb"][0]
+    else:
+        members, teacher_image, teacher_text = {}, images["image_emb"], _rows(t.text_emb, text_rows, device)
     return DistillBatch(
         image_emb.float(), text_emb.float(), student.logit_scale.exp(),
-        _rows(t.image_emb, image_rows, device), _rows(t.text_emb, text_rows, device),
+        teacher_image, teacher_text,
         t.logit_scale, batch["image_rows"].to(device), batch["text_rows"].to(device),
         image_levels=tuple(x.float() for x in image_levels),
         text_levels=tuple(x.float() for x in text_levels),
-        **roles, **{k: (v.float() if v.is_floating_point() else v) for k, v in extra.items()})
+        **roles, **members, **{k: (v.float() if v.is_floating_point() else v) for k, v in extra.items()})

@@ -31,7 +31,7 @@ from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from pipeline import __version__
 from pipeline.errors import CacheError, FingerprintMismatchError
-from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader
+from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader, ViewRows
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 ROW_MISSING, ROW_VALID, ROW_INVALID = 0, 1, 2
@@ -97,20 +97,43 @@ def create_array(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: An
 _WRITE_ALL = {"write_empty_chunks": True}
 
 
+def teacher_schema(attrs: dict[str, Any]) -> str:
+    """Schema file of a teacher store: ``teacher-cache.v2`` with several views per image, else v1."""
+    return "teacher-cache.v2" if attrs.get("schema_version") == 2 else "teacher-cache.v1"
+
+
+def teacher_schema_at(path: Path) -> str:
+    """Schema file of the teacher store at ``path`` (v1 unless its attributes say v2)."""
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return "teacher-cache.v1"  # open_group_checked names the fault
+    return teacher_schema(attrs)
+
+
 def create_teacher_store(path: Path, *, n_images: int, n_texts: int, embed_dim: int,
                          modalities: frozenset[str], attrs: dict[str, Any],
-                         layout: Layout = Layout()) -> zarr.Group:
-    """Create an empty teacher cache at ``path`` (overwrites); ``attrs`` are the root attributes."""
+                         layout: Layout = Layout(), views: int = 1) -> zarr.Group:
+    """Create an empty teacher cache at ``path`` (overwrites); ``attrs`` are the root attributes.
+
+    ``views`` > 1 (schema v2): ``image_emb`` is ``[n_images, views, embed_dim]`` and
+    ``image_view [n_images, views, 5]`` holds each view's box and flags (:mod:`pipeline.views`).
+    """
+    from pipeline.views import VIEW_FIELDS
+
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
     for kind, n in (("image", n_images), ("text", n_texts)):
         if kind in modalities:  # NaN fill: rows of a lost shard cannot pass for embeddings
-            create_array(group, f"{kind}_emb", (n, embed_dim), "float16", layout, np.nan)
+            shape = (n, views, embed_dim) if kind == "image" and views > 1 else (n, embed_dim)
+            create_array(group, f"{kind}_emb", shape, "float16", layout, np.nan)
+    if views > 1 and "image" in modalities:
+        create_array(group, "image_view", (n_images, views, len(VIEW_FIELDS)), "int32", layout, -1)
     create_array(group, "image_id", (n_images,), str, layout)
     create_array(group, "text_id", (n_texts,), str, layout)
     create_array(group, "text_to_image", (n_texts,), "int32", layout, -1)
     create_array(group, "image_status", (n_images,), "uint8", layout, ROW_MISSING)
     create_array(group, "text_status", (n_texts,), "uint8", layout, ROW_MISSING)
-    validate_attrs(attrs, "teacher-cache.v1", str(path))
+    validate_attrs(attrs, teacher_schema(attrs), str(path))
     group.attrs.update(attrs)
     return group
 
@@ -172,7 +195,21 @@ class TeacherCache:
         else:
             self.image_ids = read_strings(read_array(group, "image_id", path))
             self.text_ids = read_strings(read_array(group, "text_id", path))
-        self.image_emb = self._load_emb(group, "image", cache_bytes)
+        # Views (schema v2): image_views [N, V, D] and image_view [N, V, 5] (box, flags);
+        # image_emb is view 0, the plain image, for every reader that wants one row per image.
+        from pipeline.views import ViewSpec
+
+        self.view_spec = ViewSpec.from_attrs(self.attrs)
+        self.views = self.view_spec.views
+        emb = self._load_emb(group, "image", cache_bytes)
+        self.image_views = emb if self.views > 1 else None
+        self.image_emb = emb if self.views == 1 or emb is None else (
+            ViewRows(emb, 0) if lazy else emb[:, 0])
+        self.image_view = None
+        if self.views > 1 and "image_view" in group:
+            self.image_view = (RowReader(path, "image_view", cache_bytes=cache_bytes,
+                                         check=ViewRowsValid(self.image_valid, str(path)))
+                               if lazy else read_array(group, "image_view", path))
         self.text_emb = self._load_emb(group, "text", cache_bytes)
 
     def _load_emb(self, group: zarr.Group, kind: Kind, cache_bytes: int) -> Any:
@@ -199,7 +236,7 @@ class TeacherCache:
         rows, possibly mid-run: for stores whose copy DVC has just checked).
         """
         path = Path(path)
-        group = open_group_checked(path, "teacher-cache.v1")
+        group = open_group_checked(path, teacher_schema_at(path))
         attrs = dict(group.attrs)
         hint = "rebuild it with `distill teach` (or `dvc repro`), or point to the right cache"
         check_fingerprint("dataset", path, expect_dataset, attrs["dataset_fingerprint"], hint)
@@ -213,7 +250,8 @@ class TeacherCache:
 
     def _check_rows(self) -> None:
         for kind, status in (("image", self.image_status), ("text", self.text_status)):
-            emb = None if self.lazy else getattr(self, f"{kind}_emb")
+            emb = None if self.lazy else getattr(self, f"{kind}_views" if kind == "image" and
+                                                 self.views > 1 else f"{kind}_emb")
             missing = unwritten_rows(status, emb)
             if missing.size:
                 raise CacheError(
@@ -226,11 +264,14 @@ class TeacherCache:
             if unknown.size:
                 raise CacheError(f"{self.path}: {kind}_status holds unknown values at rows "
                                  f"{unknown[:5].tolist()}; the store is damaged: rebuild it")
+        if not self.lazy and self.image_view is not None:
+            ViewRowsValid(self.image_valid, str(self.path))(0, self.image_view)
 
     def verify_chunks(self) -> None:
         """Read every chunk of a lazily opened cache once, a Zarr shard at a time: checksums,
         and finite valid embedding rows (a :class:`CacheError` names the first fault)."""
-        for reader in (self.image_emb, self.text_emb, self.image_ids, self.text_ids):
+        for reader in (self.image_views if self.views > 1 else self.image_emb, self.image_view,
+                       self.text_emb, self.image_ids, self.text_ids):
             if isinstance(reader, RowReader):
                 for _ in reader.blocks():
                     pass
@@ -249,6 +290,22 @@ def strings_as_objects(values: np.ndarray) -> np.ndarray:
     return np.asarray(values.tolist(), dtype=object)
 
 
+class ViewRowsValid:
+    """Chunk check of ``image_view``: every valid image's views are boxes inside view 0."""
+
+    def __init__(self, valid: np.ndarray, where: str) -> None:
+        self.valid, self.where = valid, where
+
+    def __call__(self, start: int, values: np.ndarray) -> None:
+        from pipeline.views import view_row_faults
+
+        faults = view_row_faults(values, self.valid[start:start + len(values)], start)
+        if faults:
+            raise CacheError(f"{self.where}: {faults[0]}: the store is damaged. Run `distill cache "
+                             "verify` for details; restore it with `dvc checkout`/`dvc pull` or "
+                             "rebuild it with `distill teach`.")
+
+
 class FiniteWhereValid:
     """Chunk check of a lazily read embedding array: every valid row must be finite (a lost or
     unwritten shard reads back as the NaN fill value)."""
@@ -258,7 +315,7 @@ class FiniteWhereValid:
 
     def __call__(self, start: int, values: np.ndarray) -> None:
         valid = self.status[start:start + len(values)] == ROW_VALID
-        bad = np.flatnonzero(valid & ~np.isfinite(values).all(axis=1))
+        bad = np.flatnonzero(valid & ~np.isfinite(values).reshape(len(values), -1).all(axis=1))
         if bad.size:
             raise CacheError(
                 f"{self.where}: {bad.size} valid rows read back as fill values (first rows "
@@ -271,7 +328,7 @@ def unwritten_rows(status: np.ndarray, emb: np.ndarray | None = None) -> np.ndar
     """Rows never written: status 0, or a valid row whose embedding is not finite (fill NaN)."""
     bad = status == ROW_MISSING
     if emb is not None:
-        bad |= (status == ROW_VALID) & ~np.isfinite(emb).all(axis=1)
+        bad |= (status == ROW_VALID) & ~np.isfinite(emb).reshape(len(emb), -1).all(axis=1)
     return np.flatnonzero(bad)
 
 
@@ -355,7 +412,10 @@ def expected_arrays(attrs: dict[str, Any]) -> dict[str, tuple[str, tuple[int | N
             continue
         rows = attrs.get(spec["rows"]) if "rows" in spec else None
         width = attrs.get("k", attrs.get("embed_dim"))
-        shape = (rows, width)[:spec.get("ndim", 1)]
+        if "shape" in spec:  # e.g. ["n_images", "views", "embed_dim"]: attribute names or sizes
+            shape = tuple(d if isinstance(d, int) else attrs.get(d) for d in spec["shape"])
+        else:
+            shape = (rows, width)[:spec.get("ndim", 1)]
         names = ([name.format(direction=d) for d in attrs.get("directions", [])]
                  if "{direction}" in name else [name])
         out.update({n: (spec["dtype"], shape) for n in names})
@@ -455,19 +515,29 @@ def store_nbytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def base_attrs(schema: str) -> dict[str, Any]:
+def base_attrs(schema: str, version: int = 1) -> dict[str, Any]:
     """Attributes every store carries: schema, version, package version, creation time."""
-    return {"schema": schema, "schema_version": 1, "package_version": __version__,
+    return {"schema": schema, "schema_version": version, "package_version": __version__,
             "created": created_timestamp(), "complete": False}
 
 
 def teacher_store_attrs(teacher: dict[str, Any], dataset_fingerprint: str, split: str,
                         modalities: frozenset[str], embed_dim: int, logit_scale: float,
-                        n_images: int, n_texts: int, layout: Layout, **extra: Any) -> dict[str, Any]:
-    """Root attributes of a new (still incomplete) teacher store; ``teacher`` is its fingerprint dict."""
+                        n_images: int, n_texts: int, layout: Layout, views: Any = None,
+                        **extra: Any) -> dict[str, Any]:
+    """Root attributes of a new (still incomplete) teacher store; ``teacher`` is its fingerprint dict.
+
+    ``views``: a :class:`~pipeline.views.ViewSpec` of more than one view makes a schema v2 store
+    (``views``, ``view_params``); otherwise the store is v1, as without views.
+    """
     from pipeline.fingerprint import fingerprint
 
-    return base_attrs("vlm-distill/teacher-cache") | dict(
+    if views is not None and views.views > 1 and "image" in modalities:
+        extra = extra | {"views": views.views, "view_params": views.attrs()}
+        version = 2
+    else:
+        version = 1
+    return base_attrs("vlm-distill/teacher-cache", version) | dict(
         teacher=teacher, teacher_fingerprint=fingerprint(teacher), dataset_fingerprint=dataset_fingerprint,
         split=split, modalities=sorted(modalities), embed_dim=int(embed_dim),
         logit_scale=float(logit_scale), n_images=n_images, n_texts=n_texts,
@@ -479,22 +549,26 @@ def write_cache_from_arrays(
     teacher: dict[str, Any], dataset_fingerprint: str, split: str, logit_scale: float,
     image_emb: np.ndarray | None = None, text_emb: np.ndarray | None = None,
     image_status: np.ndarray | None = None, text_status: np.ndarray | None = None,
-    layout: Layout = Layout(),
+    layout: Layout = Layout(), image_view: np.ndarray | None = None, views: Any = None,
 ) -> Path:
     """Write a complete cache from in-memory arrays (embeddings computed elsewhere, tests).
 
-    ``teacher`` is the teacher's fingerprint dict; statuses default to all valid.
+    ``teacher`` is the teacher's fingerprint dict; statuses default to all valid. With views
+    (schema v2): ``image_emb`` is ``[N, V, D]``, ``image_view`` ``[N, V, 5]`` and ``views`` the
+    :class:`~pipeline.views.ViewSpec` that drew them.
     """
     path = Path(path)
     modalities = frozenset(k for k, e in (("image", image_emb), ("text", text_emb)) if e is not None)
-    embed_dim = next(e.shape[1] for e in (image_emb, text_emb) if e is not None)
+    embed_dim = next(e.shape[-1] for e in (image_emb, text_emb) if e is not None)
     n_img, n_txt = len(image_ids), len(text_ids)
     attrs = teacher_store_attrs(teacher, dataset_fingerprint, split, modalities, embed_dim, logit_scale,
-                                n_img, n_txt, layout)
+                                n_img, n_txt, layout, views=views)
     group = create_teacher_store(path, n_images=n_img, n_texts=n_txt, embed_dim=int(embed_dim),
-                                 modalities=modalities, attrs=attrs, layout=layout)
+                                 modalities=modalities, attrs=attrs, layout=layout,
+                                 views=attrs.get("views", 1))
     columns = {
         "image": {"image_id": np.asarray(image_ids, dtype=str), "image_emb": image_emb,
+                  "image_view": image_view if attrs.get("views", 1) > 1 else None,
                   "image_status": np.full(n_img, ROW_VALID, np.uint8) if image_status is None else image_status},
         "text": {"text_id": np.asarray(text_ids, dtype=str), "text_emb": text_emb,
                  "text_to_image": np.asarray(text_to_image, dtype=np.int32),

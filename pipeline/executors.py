@@ -142,12 +142,33 @@ def dask_client(cfg: DaskConfig, where: str = "stage") -> Iterator[Any]:
         return
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // cfg.workers)
     # workers may start processes of their own (image decoding): not daemonic
-    with dask.config.set({"distributed.worker.daemon": False}):
+    with dask.config.set(local_worker_config(threads)):
         with LocalCluster(n_workers=cfg.workers, threads_per_worker=cfg.threads_per_worker,
                           processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
             client.register_plugin(TorchThreads(threads))
             log.info("started a LocalCluster of %d workers (%d torch threads each)", cfg.workers, threads)
             yield client
+
+
+def local_worker_config(torch_threads: int) -> dict[str, Any]:
+    """Dask settings for the worker processes of a LocalCluster that run teachers.
+
+    Not daemonic: a worker may start image-decoding processes of its own. And the thread
+    environment of each worker is the torch thread count: a Dask nanny starts its worker with
+    ``OMP_NUM_THREADS=MKL_NUM_THREADS=OPENBLAS_NUM_THREADS=1`` (``distributed.nanny.pre-spawn-
+    environ``), and although ``torch.set_num_threads`` raises torch's own count afterwards, a
+    teacher forward in such a worker ran 1.4x slower than in a plain process with the same torch
+    threads (BENCHMARKS.md §2).
+    """
+    import dask
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    # A fixed glibc trim threshold also turns off malloc's adaptive mmap threshold, so every
+    # large tensor is mmap'ed and unmapped again: each teacher op then pays page faults.
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    environ.update({k: int(torch_threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                                    "OPENBLAS_NUM_THREADS")})
+    return {"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ}
 
 
 def worker_index() -> int:

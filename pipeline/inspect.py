@@ -5,8 +5,9 @@
 dataset and teacher a caller expects), the array layout the attributes imply, that every shard
 file exists and is not empty, that no temporary file of an interrupted write is left, then reads
 every shard (each chunk's crc32c and each shard index's are checked) and checks the rows: no row
-left unwritten, known status values, finite embeddings, neighbour lists without fill values, and
-for teacher caches, unique ids with captions pointing at their own image.
+left unwritten, known status values, finite embeddings (every view's), neighbour lists without
+fill values, and for teacher caches, view boxes inside their image, unique ids with captions
+pointing at their own image.
 """
 from __future__ import annotations
 
@@ -44,6 +45,8 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     info: dict[str, Any] = {"path": str(path), "attrs": dict(group.attrs), "arrays": arrays,
                             "bytes_on_disk": store_nbytes(path),
                             "files": sum(1 for p in path.rglob("*") if p.is_file())}
+    if "teacher_fingerprint" in info["attrs"] and "image_id" in group:
+        info["views"] = int(info["attrs"].get("views", 1))  # teacher embeddings per image
     for kind in ("image", "text"):
         if f"{kind}_status" in group:
             status = group[f"{kind}_status"][:]
@@ -100,6 +103,8 @@ def verify_cache(path: str | Path, deep: bool = True, expect_dataset: str | None
             report.add(f"{name} ({len(_shard_starts(arr))} shards read)", _verify_array(name, arr))
     for direction in attrs.get("directions", []) if deep else []:
         report.add(f"{direction} neighbour rows", _topk_faults(group, direction))
+    if deep and "image_view" in group and "image_status" in group:
+        report.add(f"image_view rows ({attrs.get('views')} views)", _view_faults(group))
     if deep and "image_id" in group and "text_id" in group:
         report.add("row ids", _id_faults(group))
     return report
@@ -179,6 +184,22 @@ def _topk_faults(group: zarr.Group, direction: str) -> list[str]:
         except Exception:
             continue  # reported by the per-array read
         faults += topk_row_faults(rows, direction, offset=start)
+    return faults
+
+
+def _view_faults(group: zarr.Group) -> list[str]:
+    """Every valid image's view boxes lie inside its view 0 (the whole image), flags known."""
+    from pipeline.views import view_row_faults
+
+    view_arr, faults = group["image_view"], []
+    starts = _shard_starts(view_arr)
+    for start in starts:
+        stop = min(start + starts.step, view_arr.shape[0])
+        try:
+            views, status = np.asarray(view_arr[start:stop]), np.asarray(group["image_status"][start:stop])
+        except Exception:
+            continue  # reported by the per-array read
+        faults += view_row_faults(views, status == ROW_VALID, start)
     return faults
 
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.shards import Manifest, RandomAccess, iter_samples, make_handler
 from pipeline.errors import CacheError, PipelineError
 from pipeline.targets import TeacherTargets, open_targets  # noqa: F401 (re-exported)
+from pipeline.views import pick_view
 
 
 def derive_seed(*parts: Any) -> int:
@@ -41,6 +42,7 @@ class TrainItem:
     text_row: int
     caption: str
     pixels: Tensor
+    view: int = 0          # the stored view the pixels replay (train.views: sample), else 0
 
 
 @dataclass
@@ -61,15 +63,28 @@ class LoaderState:
     position: int = 0
 
 
+@dataclass
+class ViewReplay:
+    """``train.views: sample``: each sample's view of an epoch, replayed from its stored box and
+    flip (:mod:`pipeline.views`) through the student's own resize and normalisation."""
+
+    views: int                     # V of the store
+    image_view: Any                # [N_images, V, 5] view parameters (a RowReader: read per row)
+    replay: Callable[[PIL.Image.Image, Any], Tensor]  # the student transform's ``replay``
+
+    def pixels(self, image: PIL.Image.Image, row: int, view: int) -> Tensor:
+        return self.replay(image, self.image_view[row][view])
+
+
 class DistillStream(IterableDataset):
     """One epoch of joined training samples (workers split the shards between them)."""
 
     def __init__(self, manifest: Manifest, targets: TeacherTargets,
                  transform: Callable[[PIL.Image.Image, random.Random], Tensor], *, seed: int,
                  epoch: int, shuffle_buffer: int, on_bad_image: str, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, replay: ViewReplay | None = None) -> None:
         super().__init__()
-        self.manifest, self.transform = manifest, transform
+        self.manifest, self.transform, self.replay = manifest, transform, replay
         self.seed, self.epoch, self.shuffle_buffer = seed, epoch, shuffle_buffer
         self.on_bad_image = on_bad_image
         self.rank, self.world_size = rank, world_size  # training processes (torchrun) split shards
@@ -105,6 +120,10 @@ class DistillStream(IterableDataset):
             return SkipEvent(sid, "no caption with a valid teacher cache row")
         rng = random.Random(derive_seed(self.seed, "sample", self.epoch, sid))
         text_row, caption = captions[rng.randrange(len(captions))]
+        if self.replay is not None:  # the student sees exactly the view its target was made from
+            view = pick_view(self.seed, self.epoch, sid, self.replay.views)
+            pixels = self.replay.pixels(sample.image, row, view)
+            return TrainItem(sid, row, text_row, caption, pixels, view)
         return TrainItem(sid, row, text_row, caption, self.transform(sample.image, rng))
 
     def _joined(self, shards: Sequence[str]) -> Iterator[TrainItem | SkipEvent]:
@@ -148,9 +167,9 @@ class PlannedStream(DistillStream):
 
     def __init__(self, manifest: Manifest, targets: TeacherTargets,
                  transform: Callable[[PIL.Image.Image, random.Random], Tensor], order: np.ndarray,
-                 *, seed: int, epoch: int, on_bad_image: str) -> None:
+                 *, seed: int, epoch: int, on_bad_image: str, replay: ViewReplay | None = None) -> None:
         super().__init__(manifest, targets, transform, seed=seed, epoch=epoch, shuffle_buffer=0,
-                         on_bad_image=on_bad_image)
+                         on_bad_image=on_bad_image, replay=replay)
         self.order = np.asarray(order)
         self.row_index = targets.row_index  # row -> sample id, read from the store on demand
 
@@ -208,4 +227,5 @@ def collate(items: Sequence[TrainItem]) -> dict[str, Any]:
     return {"pixels": torch.stack([it.pixels for it in items]),
             "image_rows": torch.tensor([it.image_row for it in items], dtype=torch.long),
             "text_rows": torch.tensor([it.text_row for it in items], dtype=torch.long),
+            "views": torch.tensor([it.view for it in items], dtype=torch.long),
             "captions": [it.caption for it in items]}

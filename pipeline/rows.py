@@ -178,6 +178,32 @@ class RowReader:
         return self._pool.submit(lambda: [self._chunk(int(c)) for c in chunks])
 
 
+class ViewRows:
+    """One view of a lazily read ``[N, V, D]`` embedding array, as ``[N, D]`` rows (the rows of
+    every view are read and cached together: a chunk holds them all)."""
+
+    def __init__(self, reader: RowReader, view: int) -> None:
+        self.reader, self.view = reader, view
+        self.shape = (reader.shape[0], reader.shape[2])
+        self.dtype, self.ndim = reader.dtype, 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, tuple):
+            return self[key[0]][(slice(None),) * (1 if isinstance(key[0], slice) else np.ndim(key[0]))
+                                + key[1:]]
+        return self.reader[key][..., self.view, :]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype)
+
+    def prefetch(self, rows: np.ndarray) -> Any:
+        return self.reader.prefetch(rows)
+
+
 def array_equal_blocks(a: Any, b: Any, rows: int = 1 << 16) -> bool:
     """Whether two row arrays (numpy or :class:`RowReader`) are equal, read block by block."""
     if tuple(a.shape) != tuple(b.shape):

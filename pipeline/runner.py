@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -34,7 +35,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import zarr
 
-from pipeline.cache import validate_attrs, write_unit
+from pipeline.cache import schema_name_of, validate_attrs, write_unit
 from pipeline.errors import CacheError
 from pipeline.formats import StoreSpec
 from pipeline.lock import output_lock
@@ -178,21 +179,43 @@ def _create_store(job: StoreJob, staging: Path, name: str) -> None:
             job.stores[name].create(tmp)
 
 
+# Set while units run in this process: a unit's computation reports rows as it finishes them
+# (report_rows), so a long unit shows progress before it ends. Unset on Dask workers.
+_ROW_PROGRESS: ContextVar[Callable[[int], None] | None] = ContextVar("row_progress", default=None)
+
+
+def report_rows(rows: int) -> None:
+    """Rows of the unit being computed just got done (progress mid-unit; a no-op off the driver)."""
+    hook = _ROW_PROGRESS.get()
+    if hook is not None:
+        hook(rows)
+
+
 def _run_pending(job: StoreJob, executor: Any, scratch: ScratchRun, pending: list[Unit],
                  result: RunResult, advance: Callable[[int], None]) -> None:
     """Run the pending units; mark each done (driver only) as its result arrives."""
-    t0, rows = time.perf_counter(), 0
+    t0, rows, partial = time.perf_counter(), 0, [0]
     def prepare(unit: Unit) -> None:  # the executor calls it before a unit is sent out
         _create_store(job, scratch.staging, unit.store)
 
-    for unit, info in executor.run_units(job.work, pending, scratch.dir, prepare):
-        scratch.mark_done(unit.key, info)
-        result.computed.append(unit.key)
-        result.infos[unit.key] = info
-        rows += unit.rows
-        advance(unit.rows)
-        log.info("%s: unit %s done (%d/%d units of this run, %.0f rows/s)", job.label, unit.key,
-                 len(result.computed), len(pending), rows / max(time.perf_counter() - t0, 1e-9))
+    def mid_unit(n: int) -> None:
+        partial[0] += n
+        advance(n)
+
+    token = _ROW_PROGRESS.set(mid_unit)
+    try:
+        for unit, info in executor.run_units(job.work, pending, scratch.dir, prepare):
+            scratch.mark_done(unit.key, info)
+            result.computed.append(unit.key)
+            result.infos[unit.key] = info
+            rows += unit.rows
+            # what the unit reported on its way (in-process) is counted once
+            advance(max(0, unit.rows - partial[0]))
+            partial[0] = 0
+            log.info("%s: unit %s done (%d/%d units of this run, %.0f rows/s)", job.label, unit.key,
+                     len(result.computed), len(pending), rows / max(time.perf_counter() - t0, 1e-9))
+    finally:
+        _ROW_PROGRESS.reset(token)
 
 
 def execute_unit(work: UnitWork, unit: Unit, scratch_dir: str | Path) -> dict[str, Any]:
@@ -218,7 +241,7 @@ def _finalise(job: StoreJob, staging: Path, infos: dict[str, dict[str, Any]]) ->
                              "scratch directory is damaged: delete it and rerun")
         unit_infos = [infos[u.key] for u in job.units if u.store == name]
         attrs = dict(group.attrs) | job.final_attrs(name, unit_infos) | {"complete": True}
-        validate_attrs(attrs, spec.format.schema_name, str(staging / name))
+        validate_attrs(attrs, schema_name_of(attrs), str(staging / name))  # v1 or v2 of the format
         group.attrs.update(attrs)
 
 

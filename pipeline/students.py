@@ -23,6 +23,7 @@ from torchvision.transforms import functional as TF
 
 from pipeline.errors import PipelineError
 from pipeline.registry import Registry
+from pipeline.views import apply_view, crop_box
 
 # OpenAI CLIP pixel statistics: the common convention for CLIP-style image towers.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -119,17 +120,13 @@ class TrainAugment:
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """(top, left, h, w) of a crop, as torchvision's RandomResizedCrop samples it."""
-        area = width * height
-        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
-        for _ in range(10):
-            target = area * rng.uniform(*self.scale)
-            aspect = math.exp(rng.uniform(*log_ratio))
-            w = int(round(math.sqrt(target * aspect)))
-            h = int(round(math.sqrt(target / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-        side = min(width, height)  # fallback: centre square crop
-        return (height - side) // 2, (width - side) // 2, side, side
+        return crop_box(width, height, self.scale, self.ratio, rng)
+
+    def replay(self, image: PIL.Image.Image, view: Any) -> Tensor:
+        """The pixels of a stored view (``train.views: sample``): the view's box and flip cut
+        from the raw image, then this student's own resize and normalisation, as the teacher
+        saw the same box through its own (:mod:`pipeline.views`)."""
+        return eval_preprocess(apply_view(image, view), self.image_size)
 
     def __call__(self, image: PIL.Image.Image, rng: random.Random) -> Tensor:
         if not self.enabled:

@@ -15,6 +15,7 @@ the store.
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -24,7 +25,9 @@ import numpy as np
 from pipeline.cache import TeacherCache
 from pipeline.data.shards import Manifest
 from pipeline.errors import CacheError
-from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader, array_equal_blocks
+from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader, ViewRows, array_equal_blocks
+
+log = logging.getLogger(__name__)
 
 RowArray = Any  # numpy array or RowReader: both answer ``a[rows]``, ``a.shape``, ``a.dtype``
 
@@ -137,11 +140,28 @@ class TargetSources:
 
 
 @dataclass
+class Member:
+    """One cross-modal teacher of an ensemble (a cache with both modalities in ``train.caches``)."""
+
+    path: str
+    image_emb: RowArray                    # [N_images, D] view 0 (the plain image)
+    text_emb: RowArray
+    logit_scale: float
+    image_views: RowArray | None = None    # [N_images, V, D] when the store holds views
+
+    @property
+    def dim(self) -> int:
+        return int(self.image_emb.shape[1])
+
+
+@dataclass
 class TeacherTargets:
     """Teacher embeddings and row lookups merged from the stores of one dataset split.
 
     Each cross-modal field comes from the first listed cache holding it; a row is usable only if
-    every teacher cache marks it valid.
+    every teacher cache marks it valid. Every listed cache with both modalities is a member of
+    the teacher ensemble (``members``; one member: no ensemble). With views (schema v2 stores),
+    ``image_views``/``image_view`` hold every view's embedding and parameters.
     """
 
     paths: tuple[str, ...]
@@ -159,6 +179,21 @@ class TeacherTargets:
     topk: dict[str, RowArray] = field(default_factory=dict)      # i2t_topk_idx, i2i_topk_idx
     cand_itm: RowArray | None = None       # [N_images, k_itm] single-stream ITM log-odds
     row_index: RowIndex | None = None
+    members: list[Member] = field(default_factory=list)  # the cross-modal teachers, first = image_emb's
+    views: int = 1                         # views per image of the image_emb store
+    image_views: RowArray | None = None    # [N_images, V, D] every view's teacher embedding
+    image_view: RowArray | None = None     # [N_images, V, 5] every view's box and flags
+    view_spec: Any = None                  # the ViewSpec that drew them
+    role_views: dict[str, RowArray] = field(default_factory=dict)  # role image fields with the same views
+
+    @property
+    def ensemble(self) -> bool:
+        """Whether several cross-modal teachers are distilled from at once."""
+        return len(self.members) > 1
+
+    def member_dims(self) -> list[dict[str, int]]:
+        """Teacher dims as each ensemble member's losses see them (its own cross-modal width)."""
+        return [self.dims | {"image": m.dim, "text": m.dim} for m in self.members]
 
     def row_arrays(self) -> list[tuple[str, str, RowArray]]:
         """``(field, row kind, array)`` of every per-row array: kind ``image`` arrays are indexed
@@ -167,12 +202,14 @@ class TeacherTargets:
         out += [(name, ROLE_ROW_KIND[name], emb) for name, emb in self.role_emb.items()]
         out += [(name, "text" if name[0] == "t" else "image", a) for name, a in self.topk.items()]
         out.append(("i2t_cand_itm", "image", self.cand_itm))
+        out += [(f"member{i}_{kind}", kind, getattr(m, f"{kind}_emb"))
+                for i, m in enumerate(self.members[1:], 1) for kind in ("image", "text")]
         return [(name, kind, a) for name, kind, a in out if a is not None]
 
     def prefetch(self, image_rows: np.ndarray, text_rows: np.ndarray) -> None:
         """Start decoding the chunks of a coming batch's rows (background threads)."""
         for _, kind, arr in self.row_arrays():
-            if isinstance(arr, RowReader):
+            if isinstance(arr, (RowReader, ViewRows)):
                 arr.prefetch(image_rows if kind == "image" else text_rows)
 
     @property
@@ -256,6 +293,11 @@ def open_targets(paths: Sequence[str], manifest: Manifest,
                            for f in ("image_emb", "text_emb"))
     both = [c for c in caches if c.image_emb is not None and c.text_emb is not None]
     index = RowIndex(manifest, first.image_ids, first.text_ids)
+    image_src = by_path[found["image_emb"]] if "image_emb" in found else None
+    if len(both) > 1 and image_src is not both[0]:
+        raise CacheError(f"train.caches: {image_src.path if image_src else 'no cache'} provides the "
+                         f"image embeddings, but the ensemble's first teacher is {both[0].path}: "
+                         "list the cross-modal teachers (caches with both modalities) first")
     targets = TeacherTargets(
         paths=tuple(str(p) for p in paths), image_emb=image_emb, text_emb=text_emb,
         logit_scale=(both[0] if both else first).logit_scale,
@@ -264,7 +306,12 @@ def open_targets(paths: Sequence[str], manifest: Manifest,
         image_valid=np.logical_and.reduce([c.image_valid for c in caches]),
         text_valid=np.logical_and.reduce([c.text_valid for c in caches]),
         sources=found, teacher_fingerprints={str(c.path): c.teacher_fingerprint for c in caches},
-        row_index=index)
+        row_index=index,
+        members=[Member(str(c.path), c.image_emb, c.text_emb, c.logit_scale, c.image_views) for c in both],
+        views=image_src.views if image_src else 1,
+        image_views=image_src.image_views if image_src else None,
+        image_view=image_src.image_view if image_src else None,
+        view_spec=image_src.view_spec if image_src else None)
     if sources is not None:
         _add_roles(targets, sources, manifest, first, read)
         _add_neighbors(targets, sources, manifest, read.cache_bytes)
@@ -289,6 +336,8 @@ def _add_roles(targets: TeacherTargets, sources: TargetSources, manifest: Manife
                                  f"to a cache of a teacher with the {modality} modality")
             targets.role_emb[name] = emb
             targets.sources[name] = path
+            if modality == "image" and cache.views > 1 and cache.view_spec == targets.view_spec:
+                targets.role_views[name] = cache.image_views  # the same views: replayed alike
         targets.teacher_fingerprints[path] = cache.teacher_fingerprint
         targets.image_valid &= cache.image_valid
         targets.text_valid &= cache.text_valid
@@ -345,3 +394,28 @@ def _first_columns_equal(cand_idx: RowArray, topk: RowArray, k: int, rows: int =
         if not np.array_equal(cand_idx[start:stop], topk[start:stop][:, :k]):
             return False
     return True
+
+
+def check_views(targets: TeacherTargets, mode: str) -> None:
+    """Refuse ``train.views: sample`` without stored views, or with ensemble members whose views
+    differ (a sample's view must mean the same pixels in every teacher it is distilled from)."""
+    if mode != "sample":
+        return
+    if targets.views <= 1 or targets.image_view is None:
+        raise CacheError(
+            f"train.views: sample replays stored teacher views, but {targets.sources.get('image_emb')} "
+            "holds one view per image; rebuild it with teach.views > 1 (and this split in "
+            "teach.view_splits), or set train.views: plain")
+    plain = [name for name, kind in ROLE_ROW_KIND.items()
+             if kind == "image" and name in targets.role_emb and name not in targets.role_views]
+    if plain:  # e.g. a vision-only teacher taught without views: its target is the plain image
+        log.warning("train.views: sample: %s come from store(s) without the same views (%s); their "
+                    "targets stay the plain image's while the student sees the replayed view",
+                    ", ".join(plain), ", ".join(sorted({targets.sources[n] for n in plain})))
+    for member in targets.members[1:]:
+        views = None if member.image_views is None else member.image_views.shape[1]
+        if views != targets.views:
+            raise CacheError(
+                f"train.caches: {member.path} holds {views or 1} view(s) per image and "
+                f"{targets.members[0].path} {targets.views}: an ensemble replaying views needs "
+                "every teacher taught with the same teach.views settings")

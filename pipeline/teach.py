@@ -36,9 +36,10 @@ from pipeline.executors import DaskConfig, ExecutorName, check_executor, open_ex
 from pipeline.fingerprint import fingerprint
 from pipeline.formats import StoreSpec
 from pipeline.formats import teacher as teacher_format
-from pipeline.runner import (RunResult, StoreJob, Unit, run_store_stage, shard_units,
+from pipeline.runner import (RunResult, StoreJob, Unit, report_rows, run_store_stage, shard_units,
                              skipped_attrs, skipped_by_split)
 from pipeline.teacher_ref import LiveTeacher, TeacherRef, describe_teacher, teacher_source
+from pipeline.views import VIEW_FIELDS, ViewSpec, apply_view, view_params
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +79,29 @@ class TeachConfig:
     dask: DaskConfig = field(default_factory=DaskConfig)  # the cluster, when executor is dask
     devices: tuple[str, ...] = ()          # Dask: worker i runs its teacher on devices[i % len]
                                            # (e.g. [cuda:0, cuda:1]); empty = `device` everywhere
+    views: int = setting(1, minimum=1, maximum=256)  # teacher embeddings per image: view 0 is the
+                                           # plain image, 1.. augmented (README "Augmented views");
+                                           # 1 = one embedding per image (schema v1 stores)
+    view_splits: tuple[str, ...] = ("train",)  # splits whose stores get the views (others: 1)
+    view_scale: tuple[float, float] = setting((0.6, 1.0), exclusive_minimum=0, maximum=1)  # crop area
+                                           # share, as RandomResizedCrop (the student's own default)
+    view_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), exclusive_minimum=0)  # crop aspect w/h
+    view_flip: bool = True                 # flip views 1.. horizontally with probability 1/2
 
     def __post_init__(self) -> None:
         check_settings(self, "teach")
+        for key in ("view_scale", "view_ratio"):
+            lo_hi = getattr(self, key)
+            if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
+                raise ConfigError(f"teach.{key}: expected [low, high] with low <= high, got {list(lo_hi)}")
         if self.rows_per_shard % self.rows_per_chunk:
             raise ConfigError(f"teach.rows_per_chunk: {self.rows_per_chunk} does not divide "
                               f"teach.rows_per_shard ({self.rows_per_shard}); a shard holds whole chunks")
+
+    def view_spec(self, split: str) -> ViewSpec:
+        """The views of ``split``'s stores (one view outside ``view_splits``)."""
+        views = self.views if split in self.view_splits else 1
+        return ViewSpec(views, tuple(self.view_scale), tuple(self.view_ratio), self.view_flip)
 
 
 def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
@@ -168,9 +186,27 @@ def _image_rows(manifest: Manifest, start: int, stop: int, decode: bool,
         yield row, sample
 
 
+@dataclass(frozen=True)
+class ViewMaker:
+    """Preprocessed pixels of every view of one image, and the views' parameters (picklable:
+    DataLoader workers get a copy). One view: ``teacher.preprocess(image)`` as without views."""
+
+    spec: ViewSpec = ViewSpec()
+    dataset_fingerprint: str = ""
+
+    def __call__(self, teacher: Any, image: Any, sample_id: str) -> tuple[torch.Tensor, np.ndarray | None]:
+        if self.spec.views == 1:
+            return teacher.preprocess(image), None
+        params = view_params(self.spec, self.dataset_fingerprint, sample_id, image.width, image.height)
+        return torch.stack([teacher.preprocess(apply_view(image, p)) for p in params]), params
+
+
+Pixels = tuple[torch.Tensor, np.ndarray | None]  # (pixels [C,H,W] or [V,C,H,W], view params [V,5])
+
+
 def _pixel_batches(teacher: Any, manifest: Manifest, start: int, stop: int, cfg: TeachConfig,
-                   skipped: list[dict[str, str]], pool: ThreadPoolExecutor | None
-                   ) -> Iterator[list[tuple[int, str, torch.Tensor | None]]]:
+                   skipped: list[dict[str, str]], pool: ThreadPoolExecutor | None,
+                   views: ViewMaker = ViewMaker()) -> Iterator[list[tuple[int, str, Pixels | None]]]:
     """Batches of (unit-relative row, sample id, preprocessed pixels or None if undecodable).
 
     Preprocessing (resize, crop, normalise) runs on ``pool`` when given: PIL and torch release
@@ -179,12 +215,13 @@ def _pixel_batches(teacher: Any, manifest: Manifest, start: int, stop: int, cfg:
     handler = make_handler(cfg.on_bad_image)
     has_image = "image" in teacher.modalities
 
-    def prep(image: Any) -> torch.Tensor | None:
-        return teacher.preprocess(image) if image is not None else None
+    def prep(item: tuple[Any, str]) -> Pixels | None:
+        image, sid = item
+        return views(teacher, image, sid) if image is not None else None
 
     for batch in batched(_image_rows(manifest, start, stop, has_image, handler), cfg.batch_size):
         skipped.extend({"id": s.sample_id, "reason": s.error} for _, s in batch if s.error is not None)
-        images = [s.image for _, s in batch]
+        images = [(s.image, s.sample_id) for _, s in batch]
         pixels = list(pool.map(prep, images)) if pool else [prep(im) for im in images]
         yield [(row - start, s.sample_id, px) for (row, s), px in zip(batch, pixels)]
 
@@ -196,9 +233,9 @@ class _DecodedBatches(torch.utils.data.Dataset):
     DataLoader would re-raise it as a bare RuntimeError)."""
 
     def __init__(self, teacher: Any, manifest: Manifest, start: int, bounds: list[tuple[int, int]],
-                 on_bad_image: str) -> None:
+                 on_bad_image: str, views: ViewMaker = ViewMaker()) -> None:
         self.teacher, self.manifest, self.start = teacher, manifest, start
-        self.bounds, self.on_bad_image = bounds, on_bad_image
+        self.bounds, self.on_bad_image, self.views = bounds, on_bad_image, views
 
     def __len__(self) -> int:
         return len(self.bounds)
@@ -210,7 +247,7 @@ class _DecodedBatches(torch.utils.data.Dataset):
             samples = iter_samples(self.manifest, decode_images=has_image, start=lo, stop=hi,
                                    handler=make_handler(self.on_bad_image))
             return [(row - self.start, s.sample_id,
-                     None if s.image is None else self.teacher.preprocess(s.image), s.error)
+                     None if s.image is None else self.views(self.teacher, s.image, s.sample_id), s.error)
                     for row, s in enumerate(samples, lo)]
         except PipelineError as exc:
             return exc
@@ -221,13 +258,13 @@ def _unbatched(item: Any) -> Any:
 
 
 def _loader_batches(teacher: Any, manifest: Manifest, start: int, stop: int, cfg: TeachConfig,
-                    skipped: list[dict[str, str]], workers: int
-                    ) -> Iterator[list[tuple[int, str, torch.Tensor | None]]]:
+                    skipped: list[dict[str, str]], workers: int, views: ViewMaker = ViewMaker()
+                    ) -> Iterator[list[tuple[int, str, Pixels | None]]]:
     """Like :func:`_pixel_batches`, with reading, decoding and preprocessing in ``workers``
     processes (a torch DataLoader), so they never take turns with the teacher forward."""
     bounds = [(lo, min(lo + cfg.batch_size, stop)) for lo in range(start, stop, cfg.batch_size)]
     loader = torch.utils.data.DataLoader(
-        _DecodedBatches(teacher, manifest, start, bounds, cfg.on_bad_image), batch_size=None,
+        _DecodedBatches(teacher, manifest, start, bounds, cfg.on_bad_image, views), batch_size=None,
         num_workers=workers, collate_fn=_unbatched, prefetch_factor=max(1, cfg.prefetch_batches))
     for batch in loader:
         if isinstance(batch, BaseException):
@@ -237,36 +274,52 @@ def _loader_batches(teacher: Any, manifest: Manifest, start: int, stop: int, cfg
 
 
 def compute_image_unit(teacher: Any, manifest: Manifest, start: int, stop: int, cfg: TeachConfig,
-                       pool: ThreadPoolExecutor | None = None, decode_workers: int = 0
-                       ) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
+                       pool: ThreadPoolExecutor | None = None, decode_workers: int = 0,
+                       views: ViewSpec = ViewSpec()) -> tuple[dict[str, np.ndarray], list[dict[str, str]]]:
     """Embed images ``[start, stop)``; undecodable ones are listed, marked invalid, left zero.
 
-    Images are read and preprocessed in ``decode_workers`` processes when > 0, else in a
-    prefetch thread (preprocessing on ``pool``'s threads when given)."""
+    With ``views.views`` V > 1, every view of an image is embedded (``image_emb [n, V, D]``, the
+    V views of ``batch_size`` images in V forwards of ``batch_size`` crops) and the views' boxes
+    and flags are returned
+    as ``image_view [n, V, 5]``. Images are read and preprocessed in ``decode_workers``
+    processes when > 0, else in a prefetch thread (preprocessing on ``pool``'s threads when given)."""
     skipped: list[dict[str, str]] = []
     has_image = "image" in teacher.modalities
-    n = stop - start
+    n, v = stop - start, views.views
     ids = np.empty(n, dtype=object)
     status = np.full(n, ROW_VALID, dtype=np.uint8)
-    emb = np.zeros((n, teacher.embed_dim), dtype=np.float32) if has_image else None
+    emb = np.zeros((n, v, teacher.embed_dim), dtype=np.float32) if has_image else None
+    view = np.zeros((n, v, len(VIEW_FIELDS)), dtype=np.int32) if has_image and v > 1 else None
+    maker = ViewMaker(views, manifest.fingerprint)
     if decode_workers > 0:
-        batches = _loader_batches(teacher, manifest, start, stop, cfg, skipped, decode_workers)
+        batches = _loader_batches(teacher, manifest, start, stop, cfg, skipped, decode_workers, maker)
     else:
-        batches = prefetch(_pixel_batches(teacher, manifest, start, stop, cfg, skipped, pool),
+        batches = prefetch(_pixel_batches(teacher, manifest, start, stop, cfg, skipped, pool, maker),
                            cfg.prefetch_batches)
     for batch in batches:
+        report_rows(len(batch))  # progress within the unit (in-process runs)
         for i, sid, px in batch:
             ids[i] = sid
             if has_image and px is None:
                 status[i] = ROW_INVALID
         good = [(i, px) for i, _, px in batch if px is not None]
         if has_image and good:
-            out = teacher.encode_images(torch.stack([px for _, px in good]))
-            emb[[i for i, _ in good]] = out.float().cpu().numpy()
+            pixels = torch.stack([px for _, (px, _) in good]).reshape(-1, *good[0][1][0].shape[-3:])
+            # forwards of at most batch_size crops: V views of a batch are V forwards, not one
+            # V times as large (a CPU forward slows down per image beyond its cache-sized batch)
+            out = torch.cat([teacher.encode_images(pixels[s:s + cfg.batch_size]).float().cpu()
+                             for s in range(0, len(pixels), cfg.batch_size)]).numpy()
+            rows = [i for i, _ in good]
+            emb[rows] = out.reshape(len(good), v, -1)
+            if view is not None:
+                view[rows] = np.stack([params for _, (_, params) in good])
     arrays: dict[str, np.ndarray] = {"image_id": ids.astype(str), "image_status": status}
     if emb is not None:
-        arrays["image_emb"] = emb.astype(np.float16)
-        check_finite(arrays["image_emb"], list(ids), f"images [{start}, {stop}) of {manifest.root}")
+        arrays["image_emb"] = (emb[:, 0] if v == 1 else emb).astype(np.float16)
+        check_finite(arrays["image_emb"].reshape(n, -1), list(ids),
+                     f"images [{start}, {stop}) of {manifest.root}")
+    if view is not None:
+        arrays["image_view"] = view
     return arrays, skipped
 
 
@@ -295,6 +348,7 @@ def compute_text_unit(teacher: Any, manifest: Manifest, start: int, stop: int,
     to_image = np.full(n, -1, dtype=np.int32)
     emb = np.zeros((n, teacher.embed_dim), dtype=np.float32) if has_text else None
     for batch in batched(_text_rows(manifest, start, stop), cfg.batch_size * 4):
+        report_rows(len(batch))
         rows = [t - start for t, _, _, _ in batch]
         ids[rows] = [tid for _, _, tid, _ in batch]
         to_image[rows] = [i for _, i, _, _ in batch]
@@ -358,7 +412,8 @@ class TeachWork:
             threads = 0 if processes else preprocess_workers(self.cfg, teacher)
             with ThreadPoolExecutor(threads) if threads else _no_pool() as pool:
                 arrays, skipped = compute_image_unit(teacher, manifest, unit.start, unit.stop,
-                                                     self.cfg, pool, processes)
+                                                     self.cfg, pool, processes,
+                                                     self.cfg.view_spec(unit.split))
         else:
             arrays = compute_text_unit(teacher, manifest, unit.start, unit.stop, self.cfg)
         return arrays, {"skipped": skipped, "forward_calls": teacher.forward_calls - calls}
@@ -373,9 +428,13 @@ def plan_teach(cfg: TeachConfig, name: str, source: TeacherRef | LiveTeacher, ex
     modalities = frozenset(info["modalities"])
     stores, units = {}, []
     for split, m in manifests.items():
+        views = cfg.view_spec(split) if "image" in modalities else ViewSpec()
+        teacher_fp = info["fingerprint"]
+        if views.views > 1:  # the views are part of what the teacher computed
+            teacher_fp = teacher_fp | {"views": views.attrs()}
         attrs = teacher_store_attrs(
-            info["fingerprint"], m.fingerprint, split, modalities, info["embed_dim"],
-            info["logit_scale"], m.n_images, m.n_texts, layout,
+            teacher_fp, m.fingerprint, split, modalities, info["embed_dim"],
+            info["logit_scale"], m.n_images, m.n_texts, layout, views=views,
             compute=info["compute"],             # device/autocast: informational only
             on_bad_image=cfg.on_bad_image)       # a `skip` store may hold invalid rows
         stores[f"{split}.zarr"] = StoreSpec(teacher_format.FORMAT, attrs, dict(
@@ -387,6 +446,7 @@ def plan_teach(cfg: TeachConfig, name: str, source: TeacherRef | LiveTeacher, ex
         "teacher": info["fingerprint"], "layout": [cfg.rows_per_shard, cfg.rows_per_chunk],
         "on_bad_image": cfg.on_bad_image, "datasets": {s: m.fingerprint for s, m in manifests.items()},
         "package": __version__,
+        **({"views": {s: cfg.view_spec(s).attrs() for s in manifests}} if cfg.views > 1 else {}),
     })
 
     job = StoreJob(f"teach {name}", Path(cfg.out_root).resolve() / name, run_fp, stores, units,

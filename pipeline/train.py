@@ -41,11 +41,11 @@ from pipeline.errors import CacheError, PipelineError
 from pipeline.fingerprint import fingerprint
 from pipeline.batch import BatchPlan, assemble
 from pipeline.data.captions import load_captions
-from pipeline.loader import (DistillStream, LoaderState, PlannedStream, SkipEvent, collate,
+from pipeline.loader import (DistillStream, LoaderState, PlannedStream, SkipEvent, ViewReplay, collate,
                              iter_batches)
 from pipeline.sampler import (hard_negative_rate, image_neighbors_from_i2t, plan_epoch,
                               random_batch_rate)
-from pipeline.targets import ReadOptions, TargetSources, TeacherTargets, open_targets
+from pipeline.targets import ReadOptions, TargetSources, TeacherTargets, check_views, open_targets
 from pipeline.losses import (CombinedLoss, LossTerm, build_objective,
                              check_requirements)
 from pipeline.progress import progress_task
@@ -91,6 +91,10 @@ class TrainConfig:
     seed: int = setting(0, minimum=0)         # model init, shard/sample order, augmentation
     shuffle_buffer: int = setting(1000, minimum=0)  # samples held for shuffling (per worker; 0 = none)
     augment: bool = True                      # random resized crop + flip on training images
+    views: Literal["plain", "sample"] = "plain"  # sample: each (seed, epoch, sample) replays one of
+                                              # the stored teacher views (box + flip) for the student
+                                              # and distils from that view's embedding; plain: view 0
+                                              # as target, the student's own augmentation (`augment`)
     num_workers: int = setting(0, minimum=0)  # DataLoader workers (0 = decode in the main process);
                                               # sample order depends on it: resume with the same value
     log_every: int = setting(10, minimum=1)   # steps between rows of train_log.csv
@@ -216,6 +220,8 @@ def run_fingerprint(cfg: TrainConfig, manifest: Manifest, targets: TeacherTarget
             "augment", "on_bad_image", "hard_negative_fraction",
             "num_workers")  # workers split the shards: another count is another sample order
     settings = {k: v for k, v in asdict(cfg).items() if k in keys}
+    if cfg.views != "plain":  # (absent when plain: fingerprints of runs without views unchanged)
+        settings["views"] = cfg.views
     return fingerprint({"settings": settings, "dataset": manifest.fingerprint,
                         "teachers": sorted(targets.teacher_fingerprints.values())})
 
@@ -249,7 +255,7 @@ def batch_plan(cfg: TrainConfig, objective: CombinedLoss, targets: TeacherTarget
                          "to a store of stage `neighbors`")
     captions = load_captions(manifest) if objective.candidates else None
     return BatchPlan(targets, objective.candidates, objective.itm_candidates,
-                     objective.uses_levels, captions)
+                     objective.uses_levels, captions, views=cfg.views == "sample")
 
 
 class StepModel(torch.nn.Module):
@@ -286,6 +292,7 @@ def setup(cfg: TrainConfig, world: World = SINGLE) -> TrainRun:
     check_world(cfg, manifest, world)
     targets = open_targets(cfg.caches, manifest, target_sources(cfg),
                            ReadOptions(cfg.target_cache_mb << 20, cfg.verify_stores))
+    check_views(targets, cfg.views)
     device = torch.device(device_for(resolve_device(cfg.device), world))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -293,7 +300,8 @@ def setup(cfg: TrainConfig, world: World = SINGLE) -> TrainRun:
     student = create_student(cfg.student, **cfg.student_kwargs)
     objective = build_objective(cfg.losses, student.embed_dim, targets.dims,
                                 level_dims=student.level_dims(), balancer=cfg.balancer,
-                                balancer_kwargs=cfg.balancer_kwargs)
+                                balancer_kwargs=cfg.balancer_kwargs,
+                                ensemble_dims=targets.member_dims() if targets.ensemble else ())
     check_objective(objective, targets)
     plan = batch_plan(cfg, objective, targets, manifest)
     student.to(device).train()
@@ -475,10 +483,12 @@ def make_dataset(run: TrainRun, epoch: int) -> DistillStream:
     """The training stream of ``epoch``: streamed shards, or planned hard-negative batches."""
     cfg = run.cfg
     transform = run.student.train_transform(augment=cfg.augment)
+    replay = (ViewReplay(run.targets.views, run.targets.image_view, transform.replay)
+              if cfg.views == "sample" else None)
     if not cfg.hard_negative_fraction:
         return DistillStream(run.manifest, run.targets, transform, seed=cfg.seed, epoch=epoch,
                              shuffle_buffer=cfg.shuffle_buffer, on_bad_image=cfg.on_bad_image,
-                             rank=run.world.rank, world_size=run.world.size)
+                             rank=run.world.rank, world_size=run.world.size, replay=replay)
     neighbors = image_neighbors(run.targets)
     batches = plan_epoch(run.targets.usable_image_rows(), neighbors, cfg.batch_size,
                          cfg.hard_negative_fraction, cfg.seed, epoch)
@@ -490,7 +500,7 @@ def make_dataset(run: TrainRun, epoch: int) -> DistillStream:
         batches = [b[run.world.rank * local:(run.world.rank + 1) * local] for b in batches]
     order = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
     return PlannedStream(run.manifest, run.targets, transform, order, seed=cfg.seed, epoch=epoch,
-                         on_bad_image=cfg.on_bad_image)
+                         on_bad_image=cfg.on_bad_image, replay=replay)
 
 
 def image_neighbors(targets: TeacherTargets) -> np.ndarray:
@@ -675,4 +685,8 @@ def make_summary(run: TrainRun, last: dict[str, float], resumed_from: int | None
         "seconds_per_step": round(loop_seconds / steps_this_run, 4) if steps_this_run else None,
         "dataset_fingerprint": run.manifest.fingerprint,
         "caches": run.targets.teacher_fingerprints, "run_fingerprint": run.run_fingerprint,
+        # (only when used: summaries of runs without views or ensembles stay as they were)
+        **({"views": {"mode": run.cfg.views, "per_image": run.targets.views}}
+           if run.cfg.views != "plain" else {}),
+        **({"ensemble": [m.path for m in run.targets.members]} if run.targets.ensemble else {}),
     }

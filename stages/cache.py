@@ -39,6 +39,11 @@ def info(path: PathArg,
                 "source_teacher_fingerprint", "logit_scale", "created", "complete"):
         if key in attrs:
             out.print(f"{key}: {attrs[key]}", highlight=False)
+    if "views" in data:  # teacher stores: embeddings per image (view 0 = the plain image)
+        params = attrs.get("view_params") or {}
+        extra = (f" (crop scale {params['scale']}, ratio {[round(r, 3) for r in params['ratio']]}, "
+                 f"flip {params['flip']})") if params else ""
+        out.print(f"views: {data['views']}{extra}", highlight=False)
     for kind in ("image", "text"):
         if f"{kind}_rows" in data:
             out.print(f"{kind} rows: {data[f'{kind}_rows']}", highlight=False)

@@ -180,3 +180,34 @@ def test_aligned_teacher_end_to_end_reproduces_the_store(tmp_path):
     # the spec records where the encoders come from
     spec = json.loads((tmp_path / "models/al/heads.json").read_text())
     assert spec["vision"]["entry"] == dataclasses.asdict(VIS) and spec["text"]["name"] == "txt"
+
+
+def test_align_carries_the_vision_stores_views_through_the_heads(synthetic, tmp_path):
+    from pipeline.align import load_heads
+    from pipeline.views import ViewSpec
+
+    # the train split's vision store with 3 views: view 0 the plain features, two perturbed ones
+    plain = TeacherCache.open(synthetic / "vis" / "train.zarr")
+    rng = np.random.default_rng(5)
+    views = np.stack([plain.image_emb] + [plain.image_emb + 0.1 * rng.standard_normal(plain.image_emb.shape)
+                                         for _ in range(2)], axis=1)
+    views = (views / np.linalg.norm(views, axis=-1, keepdims=True)).astype(np.float32)
+    boxes = np.tile(np.array([[0, 0, 10, 10, 0], [1, 1, 9, 9, 1], [0, 2, 8, 10, 0]], np.int32), (len(views), 1, 1))
+    spec = ViewSpec(3)
+    import shutil
+    shutil.rmtree(synthetic / "vis" / "train.zarr")
+    write_cache_from_arrays(synthetic / "vis" / "train.zarr", image_ids=plain.image_ids,
+                            text_ids=plain.text_ids, text_to_image=plain.text_to_image,
+                            teacher={"teacher": "synthetic_vision", "seed": 0, "views": spec.attrs()},
+                            dataset_fingerprint=DS["train"], split="train", logit_scale=1 / 0.07,
+                            image_emb=views, image_view=boxes, views=spec)
+    run_align(_cfg(tmp_path), progress=False)
+    aligned = TeacherCache.open(synthetic / "al" / "train.zarr")
+    assert aligned.views == 3 and aligned.view_spec == spec
+    assert np.array_equal(aligned.image_view, boxes)
+    heads, _ = load_heads(tmp_path / "models" / "al")
+    with torch.no_grad():  # every view through the image head, independently of the runner
+        expect = heads.image(torch.from_numpy(views.astype(np.float16).astype(np.float32).reshape(-1, 24)))
+    np.testing.assert_allclose(aligned.image_views, expect.numpy().reshape(len(views), 3, -1), atol=2e-3)
+    assert TeacherCache.open(synthetic / "al" / "test.zarr").views == 1
+    assert verify_cache(synthetic / "al" / "train.zarr").ok

@@ -77,6 +77,8 @@ def repo_params() -> dict:
 
 # (section, key, bad value, the message expected): each is refused when its section loads.
 REFUSED = [
+    ("teach", "views", 0, "teach.views: must be >= 1, got 0"),
+    ("train", "views", "random", "train.views: 'random' is not one of ['plain', 'sample']"),
     ("train", "steps", -5, "train.steps: must be >= 1, got -5"),
     ("train", "batch_size", 0, "train.batch_size: must be >= 1, got 0"),
     ("train", "batch_size", True, "train.batch_size: expected int, got True"),

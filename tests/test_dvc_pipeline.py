@@ -152,6 +152,20 @@ def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
     summary = json.loads((project / "models/student/train_summary.json").read_text())
     assert [t["name"] for t in summary["losses"]] == ["contrastive", "mcad_candidates", "mcad_feature"]
 
+    # augmented views (every teacher's train split, aligned through the heads) replayed by the
+    # student, distilled from an ensemble of two cross-modal teachers
+    exp = run(["dvc", "exp", "run", "-n", "views", "-S", "teach.views=3", "-S", "train.views=sample",
+               "-S", "train.caches=[caches/aligned/train.zarr,caches/tiny_clip/train.zarr]"], project)
+    assert {"teach@tiny_clip", "teach@tiny_vision", "align", "train", "evaluate"} <= stages_run(exp)
+    summary = json.loads((project / "models/student/train_summary.json").read_text())
+    assert summary["views"] == {"mode": "sample", "per_image": 3}
+    assert summary["ensemble"] == ["caches/aligned/train.zarr", "caches/tiny_clip/train.zarr"]
+    for store in ("aligned/train.zarr", "tiny_vision/train.zarr"):
+        attrs = json.loads((project / "caches" / store / "zarr.json").read_text())["attributes"]
+        assert attrs["schema_version"] == 2 and attrs["views"] == 3
+    test_attrs = json.loads((project / "caches/aligned/test.zarr/zarr.json").read_text())["attributes"]
+    assert test_attrs["schema_version"] == 1  # views for the train split only
+
     # the grounding task: trained from the teacher cache of its scenes without running a teacher,
     # and an experiment switches the distillation off, rerunning only its train and evaluate
     ground = json.loads((project / "models/grounding/train_summary.json").read_text())

@@ -458,13 +458,13 @@ def test_6_stage2_refuses_other_teacher_dataset_or_schema(taught, tmp_path):
     newer = tmp_path / "newer.zarr"
     shutil.copytree(store, newer)
     meta = json.loads((newer / "zarr.json").read_text())
-    meta["attributes"]["schema_version"] = 2
+    meta["attributes"]["schema_version"] = 3
     (newer / "zarr.json").write_text(json.dumps(meta))
     # PROTECTION: check_schema_id() in open_group_checked().
     with pytest.raises(FingerprintMismatchError) as err:
         train(train_cfg(dataset, tmp_path / "m3", (str(newer),)), progress=False)
     assert "expected: vlm-distill/teacher-cache v1" in str(err.value)
-    assert "found:    vlm-distill/teacher-cache v2" in str(err.value)
+    assert "found:    vlm-distill/teacher-cache v3" in str(err.value)
     assert not any((tmp_path / m / "train_log.csv").exists() for m in ("m1", "m2", "m3"))
 
 

@@ -1,4 +1,5 @@
-"""Teacher store format (schema ``teacher-cache.v1``): one Zarr v3 group per teacher and split.
+"""Teacher store format (schema ``teacher-cache.v1``; ``v2`` when a store holds several augmented
+views per image, :mod:`pipeline.views`): one Zarr v3 group per teacher and split.
 
 The arrays, layout and reader live in :mod:`pipeline.cache` (:class:`~pipeline.cache.TeacherCache`
 opens a store with every cheap check); this module adds what the store runner needs: creation
@@ -19,7 +20,7 @@ SCHEMA_VERSION = 1
 # Attributes a kept store must share with the run: what changes the stored arrays. `on_bad_image`
 # too: a `skip` store may hold invalid rows that `strict` would refuse.
 CURRENT_KEYS = ("schema", "schema_version", "teacher_fingerprint", "dataset_fingerprint",
-                "rows_per_shard", "on_bad_image")
+                "rows_per_shard", "on_bad_image", "views", "view_params")
 
 __all__ = ["FORMAT", "SCHEMA_NAME", "TeacherCache", "create", "published_faults", "unwritten_faults"]
 
@@ -28,7 +29,8 @@ def create(path: Path, attrs: dict[str, Any], *, n_images: int, n_texts: int, em
            modalities: frozenset[str], layout: Layout) -> zarr.Group:
     """An empty teacher store at ``path`` with root attributes ``attrs``."""
     return create_teacher_store(path, n_images=n_images, n_texts=n_texts, embed_dim=embed_dim,
-                                modalities=modalities, attrs=attrs, layout=layout)
+                                modalities=modalities, attrs=attrs, layout=layout,
+                                views=int(attrs.get("views", 1)))
 
 
 def unwritten_faults(group: zarr.Group) -> list[str]:

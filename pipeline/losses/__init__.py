@@ -11,8 +11,9 @@ feature, similarity_kl), one module per paper (``clip_kd``, ``dsmd``, ``structur
 """
 from pipeline.losses.balancer import BALANCERS, DSMDBalancer, FixedBalancer, LossBalancer
 from pipeline.losses.base import (FIELD_SOURCES, LOSSES, NEIGHBOR_SOURCE, CombinedLoss,
-                                  DistillBatch, DistillLoss, LossTerm, build_objective,
-                                  check_requirements, field_source, info_nce, row_kl)
+                                  DistillBatch, DistillLoss, EnsembleTerm, LossTerm, build_objective,
+                                  check_requirements, field_source, info_nce, row_kl,
+                                  teacher_similarity_logits)
 from pipeline.losses.basic import ContrastiveLoss, FeatureLoss, SimilarityKL
 from pipeline.losses.clip_kd import FDLoss, ICLLoss
 from pipeline.losses.dsmd import (DSMDContrastive, DSMDFeature, DSMDHardNegative, DSMDSimilarity,
@@ -24,8 +25,9 @@ from pipeline.losses.structure import SARDMatching, SARDRelational, SARDRepresen
 __all__ = [
     "BALANCERS", "FIELD_SOURCES", "LOSSES", "NEIGHBOR_SOURCE", "CombinedLoss", "ContrastiveLoss",
     "DSMDBalancer", "DSMDContrastive", "DSMDFeature", "DSMDHardNegative", "DSMDSimilarity",
-    "DistillBatch", "DistillLoss", "EpmVGLoss", "FDLoss", "FeatureLoss", "FixedBalancer",
+    "DistillBatch", "DistillLoss", "EnsembleTerm", "EpmVGLoss", "FDLoss", "FeatureLoss", "FixedBalancer",
     "ICLLoss", "Integration", "LossBalancer", "LossTerm", "MCADCandidates", "MCADFeature",
     "MultiScaleLoss", "SARDMatching", "SARDRelational", "SARDRepresentation", "SimilarityKL",
     "build_objective", "check_requirements", "field_source", "info_nce", "row_kl",
+    "teacher_similarity_logits",
 ]

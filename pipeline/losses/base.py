@@ -9,7 +9,7 @@ a ``CombinedLoss`` whose weights are set by a balancer (``fixed`` by default).
 from __future__ import annotations
 
 import inspect
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -73,6 +73,25 @@ class DistillBatch:
     cand_is_positive: Tensor | None = None     # [B, K] bool: a caption of the anchor itself
     cand_valid: Tensor | None = None           # [B, K] bool
     cand_itm: Tensor | None = None             # [B, K_itm] single-stream ITM logits, K_itm <= K
+    # A teacher ensemble (several cross-modal caches in train.caches): every member's rows,
+    # the first member's being teacher_image_emb / teacher_text_emb / teacher_logit_scale.
+    ensemble_image_emb: tuple[Tensor, ...] = ()  # [B, D_t] per teacher
+    ensemble_text_emb: tuple[Tensor, ...] = ()
+    ensemble_logit_scale: tuple[float, ...] = ()
+
+    @property
+    def teachers(self) -> int:
+        """Cross-modal teachers in the batch (1 without an ensemble)."""
+        return max(1, len(self.ensemble_image_emb))
+
+    def member(self, i: int) -> "DistillBatch":
+        """This batch as seen with ensemble member ``i`` as the only cross-modal teacher."""
+        if not self.ensemble_image_emb:
+            return self
+        return replace(self, teacher_image_emb=self.ensemble_image_emb[i],
+                       teacher_text_emb=self.ensemble_text_emb[i],
+                       teacher_logit_scale=self.ensemble_logit_scale[i],
+                       ensemble_image_emb=(), ensemble_text_emb=(), ensemble_logit_scale=())
 
 
 @dataclass(frozen=True)
@@ -91,6 +110,10 @@ class DistillLoss(nn.Module):
     # True when the loss compares teacher image and text embeddings with each other, so both
     # must come from one teacher (one embedding space).
     cross_modal_teacher: bool = False
+    # How an ensemble of cross-modal teachers is combined: "softmax" losses read every
+    # member's similarity distribution themselves (teacher_similarity_logits); "terms" losses
+    # get one copy (own projection heads) per teacher, their values averaged (EnsembleTerm).
+    ensemble: str = "terms"
     candidates: int = 0        # candidate captions per anchor read from the batch (K)
     itm_candidates: int = 0    # single-stream ITM scores per anchor read (K_itm)
     uses_levels: bool = False  # reads the student's intermediate features
@@ -104,6 +127,31 @@ class DistillLoss(nn.Module):
 
 
 LOSSES: Registry[DistillLoss] = Registry("loss")
+
+# Cache fields of the cross-modal teacher: a loss reading one is combined over an ensemble.
+CROSS_MODAL_FIELDS = frozenset({"image_emb", "text_emb"})
+
+
+class EnsembleTerm(DistillLoss):
+    """A "terms" loss over a teacher ensemble: copy ``i`` (its own heads) distils from member
+    ``i``; the value is the mean of the copies' values."""
+
+    def __init__(self, copies: Sequence[DistillLoss]) -> None:
+        super().__init__()
+        self.copies = nn.ModuleList(copies)
+        first = copies[0]
+        self.requires, self.cross_modal_teacher = first.requires, first.cross_modal_teacher
+        self.candidates, self.itm_candidates = first.candidates, first.itm_candidates
+        self.uses_levels = first.uses_levels
+
+    def forward(self, batch: DistillBatch) -> Tensor:
+        if batch.teachers != len(self.copies):
+            raise CacheError(f"the batch holds {batch.teachers} cross-modal teacher(s), the loss "
+                             f"was built for {len(self.copies)}")
+        return torch.stack([c(batch.member(i)) for i, c in enumerate(self.copies)]).mean()
+
+    def logged(self) -> dict[str, float]:
+        return self.copies[0].logged()
 
 
 def need(batch: DistillBatch, name: str, loss: str) -> Any:
@@ -133,6 +181,29 @@ def teacher_scale(batch: DistillBatch, temperature: float | None, loss: str) -> 
     if batch.teacher_logit_scale is None:
         raise CacheError(f"{loss}: the cache has no logit_scale; set kwargs.teacher_temperature")
     return float(batch.teacher_logit_scale)
+
+
+def teacher_similarity_logits(batch: DistillBatch, temperature: float | None,
+                              loss: str) -> tuple[Tensor, Tensor]:
+    """The teacher's in-batch ``(image->text, text->image)`` logits.
+
+    One teacher: ``scale * t_I t_T^T`` and its transpose. An ensemble: the log of the average of
+    the teachers' softmax distributions, each teacher at its own ``logit_scale`` (or
+    ``1/temperature`` when given), as DataCompDR averages its teachers after the softmax; a
+    softmax of these logits gives back that average.
+    """
+    if not batch.ensemble_image_emb:
+        logits = teacher_scale(batch, temperature, loss) * batch.teacher_image_emb @ batch.teacher_text_emb.T
+        return logits, logits.T
+    i2t = t2i = None
+    for image, text, own in zip(batch.ensemble_image_emb, batch.ensemble_text_emb,
+                                batch.ensemble_logit_scale):
+        logits = (1.0 / temperature if temperature is not None else own) * image @ text.T
+        p, q = F.softmax(logits, dim=-1), F.softmax(logits.T, dim=-1)
+        i2t, t2i = (p, q) if i2t is None else (i2t + p, t2i + q)
+    n = len(batch.ensemble_image_emb)
+    # clamped: an underflowed 0 gives a finite, masked-like logit instead of -inf
+    return ((i2t / n).log().clamp(min=MASKED_LOGIT), (t2i / n).log().clamp(min=MASKED_LOGIT))
 
 
 def info_nce(anchor: Tensor, other: Tensor, scale: Tensor | float) -> Tensor:
@@ -231,13 +302,16 @@ def build_objective(terms: Iterable[LossTerm | Mapping[str, Any]], student_dim: 
                     teacher_dims: Mapping[str, int] | None = None, *,
                     level_dims: Mapping[str, Sequence[int]] | None = None,
                     balancer: str | None = None,
-                    balancer_kwargs: Mapping[str, Any] | None = None) -> CombinedLoss:
+                    balancer_kwargs: Mapping[str, Any] | None = None,
+                    ensemble_dims: Sequence[Mapping[str, int]] = ()) -> CombinedLoss:
     """Build the weighted objective from ``train.losses`` entries (``{name, weight, kwargs}``).
 
     teacher_dims: embedding size per teacher field (``image``, ``text`` of the cross-modal
         teacher; ``vision_teacher``, ``text_teacher``, ``single_image``, ``single_text``).
     level_dims: the student's intermediate feature sizes, ``{"image": [...], "text": [...]}``.
     balancer: ``BALANCERS`` name setting the weights during training (None = ``fixed``).
+    ensemble_dims: with two or more entries (a teacher ensemble), each member's teacher dims; a
+        "terms" loss reading the cross-modal teacher is built once per member (``EnsembleTerm``).
     Unknown loss or balancer names raise ``UnknownNameError`` listing the registered ones.
     """
     terms = [t if isinstance(t, LossTerm) else LossTerm(**t) for t in terms]
@@ -247,6 +321,13 @@ def build_objective(terms: Iterable[LossTerm | Mapping[str, Any]], student_dim: 
                "level_dims": {k: list(v) for k, v in (level_dims or {}).items()}}
     names = _term_names(terms)
     modules = {n: _call_factory(t.name, t.kwargs, context) for n, t in zip(names, terms)}
+    if len(ensemble_dims) > 1:
+        for n, t in zip(names, terms):
+            first = modules[n]
+            if first.ensemble == "terms" and first.requires & CROSS_MODAL_FIELDS:
+                rest = [_call_factory(t.name, t.kwargs, context | {"teacher_dims": dict(d)})
+                        for d in ensemble_dims[1:]]
+                modules[n] = EnsembleTerm([first, *rest])
     weights = {n: float(t.weight) for n, t in zip(names, terms)}
     factory = BALANCERS.get(balancer or "fixed")
     made = factory(names=names, weights=weights, **dict(balancer_kwargs or {}))

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.losses.base import (LOSSES, DistillBatch, DistillLoss, info_nce, row_kl,
-                                  student_scale, teacher_scale)
+                                  student_scale, teacher_similarity_logits)
 
 
 def _student_logits(batch: DistillBatch, max_logit_scale: float) -> Tensor:
@@ -83,6 +83,7 @@ class SimilarityKL(DistillLoss):
 
     requires = frozenset({"image_emb", "text_emb"})
     cross_modal_teacher = True
+    ensemble = "softmax"  # an ensemble's target: the average of its teachers' distributions
 
     def __init__(self, teacher_temperature: float | None = None,
                  max_logit_scale: float = 100.0) -> None:
@@ -90,12 +91,11 @@ class SimilarityKL(DistillLoss):
         self.teacher_temperature, self.max_logit_scale = teacher_temperature, max_logit_scale
 
     def forward(self, batch: DistillBatch) -> Tensor:
-        teacher_sim = batch.teacher_image_emb @ batch.teacher_text_emb.T
-        scale = teacher_scale(batch, self.teacher_temperature, "similarity_kl")
-        teacher_logits = scale * teacher_sim
+        teacher_i2t, teacher_t2i = teacher_similarity_logits(batch, self.teacher_temperature,
+                                                             "similarity_kl")
         student_logits = _student_logits(batch, self.max_logit_scale)
-        i2t = row_kl(teacher_logits, student_logits)
-        t2i = row_kl(teacher_logits.T, student_logits.T)
+        i2t = row_kl(teacher_i2t, student_logits)
+        t2i = row_kl(teacher_t2i, student_logits.T)
         return (i2t + t2i) / 2
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.losses.base import (LOSSES, DistillBatch, DistillLoss, info_nce, need, row_kl,
-                                  student_scale, teacher_scale)
+                                  student_scale, teacher_scale, teacher_similarity_logits)
 
 DEFAULT_LEVELS: tuple[Any, ...] = ("final", -1)
 LevelDims = Mapping[str, Sequence[int]]  # {"image": [d_0, ...], "text": [...]}
@@ -143,6 +143,7 @@ class DSMDSimilarity(MultiScaleLoss):
     name = "dsmd_similarity"
     requires = frozenset({"image_emb", "text_emb"})
     cross_modal_teacher = True
+    ensemble = "softmax"  # an ensemble's target: the average of its teachers' distributions
 
     def __init__(self, student_dim: int, teacher_dims: Mapping[str, int],
                  level_dims: LevelDims | None, levels: Sequence[Any] = DEFAULT_LEVELS,
@@ -157,9 +158,8 @@ class DSMDSimilarity(MultiScaleLoss):
         scale = student_scale(batch, self.max_logit_scale, self.student_temperature)
         student = scale * (self.features(batch, level, "image", False)
                            @ self.features(batch, level, "text", False).T)
-        teacher = (teacher_scale(batch, self.teacher_temperature, self.name)
-                   * batch.teacher_image_emb @ batch.teacher_text_emb.T)
-        return (row_kl(teacher, student) + row_kl(teacher.T, student.T)) / 2
+        i2t, t2i = teacher_similarity_logits(batch, self.teacher_temperature, self.name)
+        return (row_kl(i2t, student) + row_kl(t2i, student.T)) / 2
 
 
 class DSMDHardNegative(MultiScaleLoss):
