@@ -72,13 +72,17 @@ def image_targets(t: TeacherTargets, image_rows: np.ndarray, view: np.ndarray | 
     return out
 
 
-def ensemble_fields(t: TeacherTargets, image_rows: np.ndarray, text_rows: np.ndarray,
-                    view: np.ndarray | None, device: torch.device) -> dict[str, Any]:
-    """Every ensemble member's rows of the batch (one read per teacher), or nothing."""
+def ensemble_fields(t: TeacherTargets, first: tuple[Tensor, Tensor], image_rows: np.ndarray,
+                    text_rows: np.ndarray, view: np.ndarray | None, device: torch.device) -> dict[str, Any]:
+    """Every ensemble member's rows of the batch (one read per teacher: ``first`` holds the
+    first member's, already read as the batch's own teacher fields), or nothing."""
     if not t.ensemble:
         return {}
-    images, texts = [], []
-    for m in t.members:
+    lead = t.members[0]  # the image_emb source (open_targets checks); text_emb too unless a
+    # text-only cache is listed before it
+    text = first[1] if t.sources.get("text_emb") == lead.path else _rows(lead.text_emb, text_rows, device)
+    images, texts = [first[0]], [text]
+    for m in t.members[1:]:
         replay = view is not None and m.image_views is not None
         images.append(_view_rows(m.image_views, image_rows, view, device) if replay
                       else _rows(m.image_emb, image_rows, device))
@@ -130,11 +134,8 @@ def assemble(plan: BatchPlan, student: Student, batch: dict[str, Any], device: t
     images = image_targets(t, image_rows, view, device)
     roles = {name: images[name] if name in images else _rows(emb, text_rows, device)
              for name, emb in t.role_emb.items()}
-    if t.ensemble:  # the first member's rows are the batch's own teacher fields: read once
-        members = ensemble_fields(t, image_rows, text_rows, view, device)
-        teacher_image, teacher_text = members["ensemble_image_emb"][0], members["ensemble_text_emb"][0]
-    else:
-        members, teacher_image, teacher_text = {}, images["image_emb"], _rows(t.text_emb, text_rows, device)
+    teacher_image, teacher_text = images["image_emb"], _rows(t.text_emb, text_rows, device)
+    members = ensemble_fields(t, (teacher_image, teacher_text), image_rows, text_rows, view, device)
     return DistillBatch(
         image_emb.float(), text_emb.float(), student.logit_scale.exp(),
         teacher_image, teacher_text,
