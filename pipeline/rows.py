@@ -204,12 +204,16 @@ class ViewRows:
         return self.reader.prefetch(rows)
 
 
+def paired_blocks(*arrays: Any, rows: int = 1 << 16) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """``(start, [block of each array])`` over the rows of row arrays (numpy or
+    :class:`RowReader`) of one length, ``rows`` rows at a time: whole-store passes in bounded memory."""
+    n = arrays[0].shape[0]
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        yield start, [a[start:stop] for a in arrays]
+
+
 def array_equal_blocks(a: Any, b: Any, rows: int = 1 << 16) -> bool:
     """Whether two row arrays (numpy or :class:`RowReader`) are equal, read block by block."""
-    if tuple(a.shape) != tuple(b.shape):
-        return False
-    for start in range(0, a.shape[0], rows):
-        stop = min(start + rows, a.shape[0])
-        if not np.array_equal(a[start:stop], b[start:stop]):
-            return False
-    return True
+    return tuple(a.shape) == tuple(b.shape) and all(
+        np.array_equal(x, y) for _, (x, y) in paired_blocks(a, b, rows=rows))

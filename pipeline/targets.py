@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.cache import TeacherCache
 from pipeline.data.shards import Manifest
 from pipeline.errors import CacheError
-from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader, ViewRows, array_equal_blocks
+from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader, ViewRows, array_equal_blocks, paired_blocks
 
 log = logging.getLogger(__name__)
 
@@ -385,15 +385,10 @@ def _add_itm(targets: TeacherTargets, sources: TargetSources, manifest: Manifest
     targets.sources["i2t_cand_itm"] = sources.itm_scores
 
 
-def _first_columns_equal(cand_idx: RowArray, topk: RowArray, k: int, rows: int = 1 << 16) -> bool:
+def _first_columns_equal(cand_idx: RowArray, topk: RowArray, k: int) -> bool:
     """Whether ``cand_idx == topk[:, :k]``, compared block by block (bounded memory)."""
-    if cand_idx.shape[0] != topk.shape[0]:
-        return False
-    for start in range(0, cand_idx.shape[0], rows):
-        stop = min(start + rows, cand_idx.shape[0])
-        if not np.array_equal(cand_idx[start:stop], topk[start:stop][:, :k]):
-            return False
-    return True
+    return cand_idx.shape[0] == topk.shape[0] and all(
+        np.array_equal(cand, top[:, :k]) for _, (cand, top) in paired_blocks(cand_idx, topk))
 
 
 def check_views(targets: TeacherTargets, mode: str) -> None:

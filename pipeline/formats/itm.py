@@ -20,7 +20,7 @@ from pipeline.cache import (ROW_VALID, Layout, create_array, open_group_checked,
                             read_array, structure_faults, unwritten_rows)
 from pipeline.errors import CacheError, FingerprintMismatchError
 from pipeline.formats import StoreFormat, structure_then_rows
-from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader
+from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader, paired_blocks
 
 SCHEMA_NAME = "itm-scores.v1"
 SCHEMA_ID = "vlm-distill/itm-scores"
@@ -95,11 +95,8 @@ def open_itm_scores(path: str | Path, expect_dataset: str | None = None, *, lazy
     if lazy:
         idx = RowReader(path, "i2t_cand_idx", cache_bytes=cache_bytes)
         itm = RowReader(path, "i2t_cand_itm", cache_bytes=cache_bytes)
-        faults = []
-        for (start, idx_block), (_, itm_block) in zip(idx.blocks(1 << 16), itm.blocks(1 << 16)):
-            faults = row_faults(idx_block, itm_block, status[start:start + len(idx_block)], start)
-            if faults:
-                break
+        faults = next((f for start, blocks in paired_blocks(idx, itm, status)
+                       if (f := row_faults(*blocks, start))), [])
     else:
         idx = read_array(group, "i2t_cand_idx", path).astype(np.int32)
         itm = read_array(group, "i2t_cand_itm", path).astype(np.float32)

@@ -16,7 +16,7 @@ import zarr
 from pipeline.cache import (Layout, base_attrs, check_fingerprint, create_array, open_group_checked,
                             raise_faults, read_array, structure_faults, validate_attrs)
 from pipeline.formats import StoreFormat, structure_then_rows
-from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader
+from pipeline.rows import DEFAULT_CACHE_BYTES, RowReader, paired_blocks
 
 SCHEMA_NAME = "neighbors.v1"
 SCHEMA_ID = "vlm-distill/neighbors"
@@ -101,10 +101,10 @@ def open_neighbors(path: str | Path, expect_teacher: str | None = None,
     return arrays
 
 
-def _block_faults(arrays: dict[str, RowReader], direction: str, rows: int = 1 << 16) -> list[str]:
-    """:func:`topk_row_faults` of one direction, read ``rows`` rows at a time."""
+def _block_faults(arrays: dict[str, RowReader], direction: str) -> list[str]:
+    """:func:`topk_row_faults` of one direction, read block by block (the first faulty block's)."""
     idx, sim = arrays[f"{direction}_topk_idx"], arrays[f"{direction}_topk_sim"]
-    for (start, idx_block), (_, sim_block) in zip(idx.blocks(rows), sim.blocks(rows)):
+    for start, (idx_block, sim_block) in paired_blocks(idx, sim):
         faults = topk_row_faults({idx.name: idx_block, sim.name: sim_block}, direction, start)
         if faults:
             return faults
