@@ -18,6 +18,7 @@ A reader pickles without its open array and cache (DataLoader workers reopen the
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -161,13 +162,7 @@ class RowReader:
     def blocks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
         """``(start, values)`` of consecutive row blocks, bounded memory (whole-array passes);
         a block is ``rows`` rows rounded to whole chunks (default: one Zarr shard)."""
-        rows = rows or self.shard_rows
-        step = max(self.chunk_rows, rows // self.chunk_rows * self.chunk_rows)
-        for start in range(0, self.shape[0], step):
-            stop = min(start + step, self.shape[0])
-            values = self._decode(start, stop)
-            if self.check is not None:
-                self.check(start, values)
+        for start, (values,) in paired_blocks(self, rows=rows or self.shard_rows):
             yield start, values
 
     def prefetch(self, rows: np.ndarray) -> Future:
@@ -206,10 +201,13 @@ class ViewRows:
 
 def paired_blocks(*arrays: Any, rows: int = 1 << 16) -> Iterator[tuple[int, list[np.ndarray]]]:
     """``(start, [block of each array])`` over the rows of row arrays (numpy or
-    :class:`RowReader`) of one length, ``rows`` rows at a time: whole-store passes in bounded memory."""
+    :class:`RowReader`) of one length, about ``rows`` rows at a time (rounded to whole chunks of
+    the readers, so no chunk is decoded twice): whole-store passes in bounded memory."""
     n = arrays[0].shape[0]
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
+    chunk = math.lcm(*(a.chunk_rows for a in arrays if isinstance(a, RowReader)))
+    step = max(chunk, rows // chunk * chunk)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
         yield start, [a[start:stop] for a in arrays]
 
 
