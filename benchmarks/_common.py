@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-
 import io
 import json
 import os
@@ -101,7 +100,7 @@ def shape_image(i: int, size: int = 96) -> tuple[Image.Image, list[str], str]:
 
 def write_shape_dataset(root: Path, split: str, n: int, per_shard: int = 100) -> Path:
     """Real WebDataset shards + manifest of ``n`` shape images under ``root/split``."""
-    from pipeline.data.shards import write_manifest, write_shards
+    from pipeline.data.writing import write_manifest, write_shards
 
     def samples():
         for i in range(n):
@@ -119,7 +118,9 @@ def write_shape_dataset(root: Path, split: str, n: int, per_shard: int = 100) ->
 def demo_batch(batch_size: int, dataset: str | None) -> tuple[list[Image.Image], list[str]]:
     """``batch_size`` (image, first caption) pairs: from a dataset split if given, else shapes."""
     if dataset and Path(dataset, "manifest.json").exists():
-        from pipeline.data.shards import SkipCounter, iter_samples, load_manifest
+        from pipeline.data.manifest import load_manifest
+        from pipeline.data.handlers import SkipCounter
+        from pipeline.data.shards import iter_samples
 
         images, captions = [], []
         for sample in iter_samples(load_manifest(dataset), handler=SkipCounter()):

@@ -19,15 +19,14 @@ import sys
 import time
 
 import torch
-
 from _common import machine_info, markdown_table, median, write_results  # noqa: E402
 
 
 def main() -> None:
-    from pipeline.align import AlignConfig, paired_features, source_pairs, train_heads
-    from pipeline.cache import TeacherCache
     from pipeline.config import load_section
     from pipeline.metrics import retrieval_metrics
+    from pipeline.stores.teacher import TeacherCache
+    from stages.align.run import AlignConfig, paired_features, source_pairs, train_heads
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=30)

@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 
 import yaml
-
 from _common import REPO_ROOT, machine_info, write_results  # noqa: E402
 
 

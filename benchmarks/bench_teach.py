@@ -1,6 +1,6 @@
 """Stage-1 throughput: the real teach runner vs the bare teacher forward on the same rows.
 
-(1) teach   -- ``pipeline.teach.run_teach`` on real shards: tar reading, image decoding and
+(1) teach   -- ``stages.teach.run.run_teach`` on real shards: tar reading, image decoding and
                preprocessing (in a prefetch thread), teacher forward, fp16 Zarr writes with
                zstd + crc32c in whole shards, status/id arrays, resume bookkeeping, publish.
 (2) forward -- the same teacher on the same rows with nothing else: images already decoded and
@@ -32,13 +32,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-
 from _common import (machine_info, markdown_table, median, teacher_kwargs, timed, write_results,
                      write_shape_dataset)
-from pipeline.data.shards import Manifest, SkipCounter, iter_samples, load_manifest
-from pipeline.executors import DaskConfig
-from pipeline.teach import TeachConfig, TeacherEntry, batched, run_teach
+
+from pipeline.config import TeacherEntry
+from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.data.handlers import SkipCounter
+from pipeline.data.shards import iter_samples
+from pipeline.iterate import batched
 from pipeline.teachers import create_teacher
+from stages.executors import DaskConfig
+from stages.teach.run import TeachConfig, run_teach
 
 PASSES = ("teach", "forward", "data")
 
@@ -138,7 +142,7 @@ def cluster(args: argparse.Namespace) -> Iterator[str | None]:
     import dask
     from distributed import LocalCluster
 
-    from pipeline.executors import local_worker_config
+    from stages.executors import local_worker_config
 
     threads = args.torch_threads or max(1, torch.get_num_threads() // args.workers)
     with dask.config.set(local_worker_config(threads)), \

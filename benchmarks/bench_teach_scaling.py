@@ -22,9 +22,11 @@ from typing import Any
 
 from _common import machine_info, markdown_table, median, teacher_kwargs, write_results
 from bench_teach import add_data_and_teacher_args, dataset_root
-from pipeline.data.shards import load_manifest
-from pipeline.executors import DaskConfig
-from pipeline.teach import TeachConfig, TeacherEntry, run_teach
+
+from pipeline.config import TeacherEntry
+from pipeline.data.manifest import load_manifest
+from stages.executors import DaskConfig
+from stages.teach.run import TeachConfig, run_teach
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import dask
     from distributed import LocalCluster
 
-    from pipeline.executors import local_worker_config
+    from stages.executors import local_worker_config
 
     args = parse_args(argv)
     sizes = (1, args.workers)

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import machine_info, markdown_table, median, write_results  # noqa: E402
 
 METHODS = ("blocked_topk", "faiss_flat_ip", "torch_backend")

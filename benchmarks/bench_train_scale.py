@@ -26,10 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from _common import REPO_ROOT, machine_info, write_results  # noqa: E402
-
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _common import REPO_ROOT, machine_info, write_results  # noqa: E402
 
 
 def stream_rows(n_rows: int, batch: int, steps: int, seed: int, samples_per_tar: int,
@@ -63,11 +62,11 @@ def _peak_mb() -> float:
 
 def probe(store: str, n_rows: int, steps: int, batch: int, mode: str, threads: int) -> dict:
     """One measured run in this process (see the module docstring)."""
-    from pipeline.batch import BatchPlan, assemble
     from pipeline.losses import build_objective
     from pipeline.students import create_student
     from pipeline.synthetic import SAMPLES_PER_TAR, synthetic_manifest, synthetic_rows
-    from pipeline.targets import open_targets
+    from pipeline.training.batch import BatchPlan, assemble
+    from pipeline.training.targets import open_targets
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)

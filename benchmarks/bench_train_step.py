@@ -30,14 +30,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-
 from _common import (demo_batch, machine_info, markdown_table, median, teacher_kwargs, timed,
                      write_results)
+
 from pipeline.config import load_section
 from pipeline.losses import DistillBatch, LossTerm, build_objective
 from pipeline.students import Student, create_student
 from pipeline.teachers import create_teacher
-from pipeline.train import MAX_LOGIT_SCALE, TrainConfig, make_optimizer
+from pipeline.training.schedule import MAX_LOGIT_SCALE, make_optimizer
+from stages.train.run import TrainConfig
 
 MODES = ("cached", "online", "contrastive")
 
@@ -70,12 +71,12 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 class Trainee:
-    """One student with its objective and optimizer; ``step`` mirrors ``pipeline.train.train_step``."""
+    """One student with its objective and optimizer; ``step`` mirrors ``stages.train.run.train_step``."""
 
     def __init__(self, student: Student, objective: torch.nn.Module, cfg: TrainConfig, device: str):
         self.student = student.to(device).train()
         self.objective = objective.to(device).train()
-        self.optimizer = make_optimizer(self.student, self.objective, cfg)
+        self.optimizer = make_optimizer((self.student, self.objective), cfg.lr, cfg.weight_decay)
         self.device = device
         self.amp = cfg.amp and device.startswith("cuda")  # bf16 towers on CUDA, as train_step
 

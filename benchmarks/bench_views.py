@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from _common import machine_info, markdown_table, median, timed, write_results
-from pipeline.cache import store_nbytes
+
 from pipeline.config import load_params, load_section
-from pipeline.data.shards import load_manifest
-from pipeline.teach import TeachConfig, run_teach
+from pipeline.data.manifest import load_manifest
+from pipeline.stores.base import store_nbytes
 from pipeline.teachers import create_teacher
+from stages.teach.run import TeachConfig, run_teach
 
 
 def main() -> dict[str, Any]:

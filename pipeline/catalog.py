@@ -22,8 +22,8 @@ CATALOG: dict[str, dict[str, str]] = {
         "timm_vision": "pipeline.teachers.vision:make_timm_vision",
     },
     "student": {
-        "open_clip_tiny": "pipeline.students:make_open_clip_tiny",
-        "timm_hf": "pipeline.students:make_timm_hf",
+        "open_clip_tiny": "pipeline.students.open_clip_student:make_open_clip_tiny",
+        "timm_hf": "pipeline.students.timm_hf:make_timm_hf",
     },
     "loss": {
         "contrastive": "pipeline.losses.basic:make_contrastive",

@@ -249,3 +249,11 @@ def _type_schema(hint: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(hint):
         return json_schema(hint)
     return {"type": _JSON_TYPES[hint]} if hint in _JSON_TYPES else {}
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherEntry:
+    """One teacher of ``params.yaml``'s ``teachers`` mapping."""
+
+    teacher: str                                           # registry name (`distill list` prints them)
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # the teacher's factory's kwargs

@@ -25,7 +25,7 @@ def resolve_device(device: str) -> str:
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block on ``n`` torch intra-op threads (None: leave torch's setting), then restore
     it. On a machine shared with other work, as many threads as cores oversubscribe the CPUs and
-    every thread waits for the slowest: fewer threads are then much faster (README "Threads")."""
+    every thread waits for the slowest: fewer threads are then much faster (docs/training.md "Threads")."""
     before = torch.get_num_threads()
     if n is not None:
         torch.set_num_threads(n)

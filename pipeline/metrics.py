@@ -281,7 +281,7 @@ def graded_ndcg(emb: np.ndarray, group: np.ndarray, label: np.ndarray, k: int = 
     ``label_gain`` if d has q's label (label >= 0), else 0. Every item is a query against all
     other items. Returns ``ndcg@k``, ``n_queries`` (scored) and ``n_excluded`` (no relevant item).
     """
-    from pipeline.topk import blocked_topk  # exact tiled top-k, ties broken by the lower index
+    from pipeline.topk import blocked_topk
 
     group = np.asarray(group, dtype=np.int64)
     label = np.asarray(label, dtype=np.int64)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache import ROW_VALID, Layout, create_teacher_store, row_units, teacher_store_attrs, write_unit
-from pipeline.data.shards import Manifest, ShardInfo
+from pipeline.data.manifest import Manifest, ShardInfo
+from pipeline.stores.base import ROW_VALID, Layout, row_units, write_unit
+from pipeline.stores.teacher import create_teacher_store, teacher_store_attrs
 
 SAMPLES_PER_TAR = 10_000  # the synthetic manifest's tar shards (their rows are contiguous slices)
 

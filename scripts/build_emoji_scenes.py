@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from pipeline.data.shards import write_manifest, write_shards  # noqa: E402
+from pipeline.data.writing import write_manifest, write_shards  # noqa: E402
 from pipeline.grounding.scenes import build_scene, load_pool  # noqa: E402
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from pipeline.data.shards import write_manifest, write_shards  # noqa: E402
+from pipeline.data.writing import write_manifest, write_shards  # noqa: E402
 
 IMAGE_DIR = Path("img/google/64")
 

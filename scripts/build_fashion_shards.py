@@ -33,7 +33,7 @@ import PIL.Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from pipeline.data.shards import write_shards  # noqa: E402
+from pipeline.data.writing import write_shards  # noqa: E402
 
 SRC = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",

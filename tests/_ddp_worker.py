@@ -3,7 +3,7 @@
     torchrun --nproc_per_node N tests/_ddp_worker.py train CONFIG.json [STOP_AFTER]
     torchrun --nproc_per_node N tests/_ddp_worker.py step1 CONFIG.json OUT.pt
 
-``train`` runs :func:`pipeline.train.train` (``STOP_AFTER``: end after that step as a kill
+``train`` runs :func:`stages.train.run.train` (``STOP_AFTER``: end after that step as a kill
 would). ``step1`` builds the run, takes each rank's first batch, computes the global-batch loss
 through DistributedDataParallel and its backward (no optimizer step), and rank 0 saves the loss,
 every parameter's gradient and every rank's batch to ``OUT.pt``.
@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from pipeline.config import from_dict
-from pipeline.distributed import all_gather_objects, close_world, init_world, local_batch_size
-from pipeline.loader import LoaderState, collate, iter_batches
-from pipeline.train import TrainConfig, make_dataset, setup, step_loss, train
+from pipeline.training.distributed import (all_gather_objects, close_world, init_world,
+                                           local_batch_size)
+from pipeline.training.loader import LoaderState, collate, iter_batches
+from stages.train.run import TrainConfig, make_dataset, setup, step_loss, train
 
 
 def step1(cfg: TrainConfig, out: Path) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.data.shards import write_manifest, write_shards
+from pipeline.data.writing import write_manifest, write_shards
 
 # Reproducible store bytes (the creation-time attribute honours this).
 os.environ.setdefault("SOURCE_DATE_EPOCH", "1700000000")

@@ -11,15 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.align import AlignConfig, contrastive_loss, run_align
-from pipeline.cache import TeacherCache, write_cache_from_arrays
-from pipeline.data.shards import write_manifest, write_shards
+from pipeline.config import TeacherEntry
+from pipeline.data.writing import write_manifest, write_shards
 from pipeline.errors import CacheError
 from pipeline.fingerprint import fingerprint
-from pipeline.inspect import verify_cache
 from pipeline.metrics import retrieval_metrics
-from pipeline.teach import TeachConfig, TeacherEntry, run_teach
+from pipeline.stores.inspect import verify_cache
+from pipeline.stores.teacher import TeacherCache, write_cache_from_arrays
 from pipeline.teachers import Teacher, create_teacher
+from stages.align.run import AlignConfig, contrastive_loss, run_align
+from stages.teach.run import TeachConfig, run_teach
 from tests.conftest import TINY_CLIP_CFG, tiny_samples
 
 
@@ -183,7 +184,7 @@ def test_aligned_teacher_end_to_end_reproduces_the_store(tmp_path):
 
 
 def test_align_carries_the_vision_stores_views_through_the_heads(synthetic, tmp_path):
-    from pipeline.align import load_heads
+    from pipeline.teachers.aligned import load_heads
     from pipeline.views import ViewSpec
 
     # the train split's vision store with 3 views: view 0 the plain features, two perturbed ones

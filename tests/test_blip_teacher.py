@@ -152,8 +152,8 @@ def test_model_path_loads_a_saved_checkpoint_directory(blip, tmp_path):
 
 
 def test_teach_caches_its_itc_features(make_dataset, blip, tmp_path):
-    from pipeline.cache import TeacherCache
-    from pipeline.teach import TeachConfig, run_teach
+    from pipeline.stores.teacher import TeacherCache
+    from stages.teach.run import TeachConfig, run_teach
 
     root = make_dataset(n_train=6, n_test=2)
     run_teach(TeachConfig(dataset=str(root), splits=("train",), out_root=str(tmp_path / "caches"),

@@ -11,20 +11,21 @@ import yaml
 
 from pipeline.config import from_dict, load_section
 from pipeline.errors import ConfigError
-from pipeline.params_schema import params_schema
+from stages.params_schema import params_schema
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_schema_file_is_generated_from_the_dataclasses():
     stored = json.loads((REPO / "schemas/params.v1.json").read_text())
-    assert stored == params_schema(), "regenerate: python -m pipeline.params_schema > schemas/params.v1.json"
+    assert stored == params_schema(), "regenerate: python -m stages.params_schema > schemas/params.v1.json"
 
 
 def test_repository_params_load_and_validate():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     jsonschema.validate(params, params_schema())
-    from pipeline.params_schema import EvalConfig, NeighborsConfig, PrepareConfig, TeachConfig, TrainConfig
+    from stages.params_schema import (EvalConfig, NeighborsConfig, PrepareConfig, TeachConfig,
+                                      TrainConfig)
 
     for cls, section in ((PrepareConfig, "prepare"), (TeachConfig, "teach"), (NeighborsConfig, "neighbors"),
                          (TrainConfig, "train"), (EvalConfig, "evaluate")):
@@ -104,8 +105,9 @@ REFUSED = [
 
 
 def load_stage(section: str, params: dict):
-    from pipeline.params_schema import EvalConfig, ItmConfig, NeighborsConfig, PrepareConfig, TeachConfig
-    from pipeline.train import load_train_config
+    from stages.params_schema import (EvalConfig, ItmConfig, NeighborsConfig, PrepareConfig,
+                                      TeachConfig)
+    from stages.train.run import load_train_config
 
     if section == "train":
         return load_train_config(params)
@@ -133,7 +135,7 @@ def test_bad_setting_is_refused_naming_the_key(tmp_path, section, key, value, me
 
 
 def test_recipe_and_loss_terms_are_bounded():
-    from pipeline.train import load_train_config
+    from stages.train.run import load_train_config
 
     params = repo_params()
     params["recipes"]["best"]["hard_negative_fraction"] = -0.5
@@ -146,8 +148,8 @@ def test_recipe_and_loss_terms_are_bounded():
 
 
 def test_direct_construction_is_checked_too():
-    from pipeline.params_schema import TeachConfig
-    from pipeline.train import TrainConfig
+    from stages.params_schema import TeachConfig
+    from stages.train.run import TrainConfig
 
     with pytest.raises(ConfigError, match="train.steps: must be >= 1, got 0"):
         TrainConfig(steps=0)

@@ -22,14 +22,15 @@ import pytest
 import torch
 import yaml
 
-from pipeline.cache import TeacherCache
-from pipeline.executors import DaskConfig
-from pipeline.formats.itm import open_itm_scores
-from pipeline.formats.neighbors import open_neighbors
-from pipeline.itm import ItmConfig, run_itm
-from pipeline.neighbors import NeighborsConfig, run_neighbors
-from pipeline.teach import TeachConfig, TeacherEntry, run_teach
+from pipeline.config import TeacherEntry
+from pipeline.stores.itm import open_itm_scores
+from pipeline.stores.neighbors import open_neighbors
+from pipeline.stores.teacher import TeacherCache
 from pipeline.teachers.base import Teacher
+from stages.executors import DaskConfig
+from stages.itm.run import ItmConfig, run_itm
+from stages.neighbors.run import NeighborsConfig, run_neighbors
+from stages.teach.run import TeachConfig, run_teach
 from tests.conftest import TINY_CLIP_CFG
 from tests.test_dvc_pipeline import REPO, run, stages_run, tiny_params, write_raw_folder
 from tests.test_teach import tree_digest

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.batch import assemble
 from pipeline.errors import PipelineError
+from pipeline.training.batch import assemble
 from tests.test_train import TINY_STUDENT, toy  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +56,7 @@ def test_step_one_equals_one_process_on_the_global_batch(toy, tmp_path):
     gradients, gradients averaged by DDP) equal one process's on the same 8 samples, to float32
     round-off (rtol 1e-4, atol 1e-6: the sums run in another order)."""
     from pipeline.config import from_dict
-    from pipeline.train import TrainConfig, setup
+    from stages.train.run import TrainConfig, setup
 
     cfg = _config(toy, tmp_path / "m")
     _torchrun(2, "step1", _write(tmp_path / "cfg.json", cfg), str(tmp_path / "step1.pt"))
@@ -88,7 +88,7 @@ def test_step_one_equals_one_process_on_the_global_batch(toy, tmp_path):
 
 def test_resume_equals_uninterrupted_and_another_world_size_is_refused(toy, tmp_path):
     from pipeline.config import from_dict
-    from pipeline.train import TrainConfig, train
+    from stages.train.run import TrainConfig, train
 
     whole = _config(toy, tmp_path / "whole")
     _torchrun(2, "train", _write(tmp_path / "whole.json", whole))

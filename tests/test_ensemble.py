@@ -5,13 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import TeacherCache, write_cache_from_arrays
-from pipeline.data.shards import load_manifest
+from pipeline.data.manifest import load_manifest
 from pipeline.errors import FingerprintMismatchError
 from pipeline.losses import (DistillBatch, EnsembleTerm, LossTerm, build_objective,
                              teacher_similarity_logits)
 from pipeline.losses.basic import SimilarityKL
-
+from pipeline.stores.teacher import TeacherCache, write_cache_from_arrays
 from tests.test_train import _cfg, toy  # noqa: F401 (fixture)
 
 
@@ -100,7 +99,7 @@ def test_feature_losses_get_one_head_per_teacher_and_average_their_terms():
 
 
 def test_training_from_two_teachers_of_other_widths(toy, tmp_path):  # noqa: F811
-    from pipeline.train import setup, train
+    from stages.train.run import setup, train
 
     manifest = load_manifest(toy["dataset"] / "train")
     first = TeacherCache.open(toy["cache"])
@@ -123,7 +122,7 @@ def test_training_from_two_teachers_of_other_widths(toy, tmp_path):  # noqa: F81
 
 
 def test_a_store_of_another_dataset_is_refused_in_the_ensemble(toy, tmp_path):  # noqa: F811
-    from pipeline.train import train
+    from stages.train.run import train
 
     with pytest.raises(FingerprintMismatchError, match="dataset"):
         train(_cfg(toy, tmp_path / "run", caches=(str(toy["cache"]), str(toy["other"]))), progress=False)

@@ -13,13 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_CLIP_CFG
-from pipeline.cache import TeacherCache
-from pipeline.data.shards import SkipCounter, iter_samples, load_manifest
-from pipeline.evaluate import EvalConfig, evaluate
+from pipeline.data.manifest import load_manifest
+from pipeline.data.handlers import SkipCounter
+from pipeline.data.shards import iter_samples
+from pipeline.evaluation.config import EvalConfig
 from pipeline.evaluation.efficiency import parameters_used
+from pipeline.stores.teacher import TeacherCache
 from pipeline.students import create_student, load_student, save_checkpoint
-from pipeline.teach import TeachConfig, run_teach
+from stages.evaluate.run import evaluate
+from stages.teach.run import TeachConfig, run_teach
+from tests.conftest import TINY_CLIP_CFG
 
 CORRUPT_TEST_SAMPLE = 10_003  # make_dataset numbers test samples from 10000
 KS = (1, 5, 10)
@@ -252,11 +255,11 @@ def test_student_only_and_unbuildable_teacher(eval_setup: EvalConfig):
 def test_a_second_evaluation_of_one_output_is_refused(eval_setup: EvalConfig):
     import sys
 
-    from pipeline.lock import LockError
+    from stages.lock import LockError
 
     cfg = replace(eval_setup, teacher=None, measure_memory=False)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pipeline.lock import output_lock\n"
+        [sys.executable, "-c", "import sys, time; from stages.lock import output_lock\n"
          "with output_lock(sys.argv[1], '`distill evaluate`'):\n    print('locked', flush=True); time.sleep(600)",
          cfg.metrics_path], stdout=subprocess.PIPE, text=True)
     try:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.prepare import PrepareConfig, prepare
-from pipeline.data.shards import iter_samples, load_manifest
+from pipeline.data.manifest import load_manifest
+from pipeline.data.shards import iter_samples
+from stages.prepare.run import PrepareConfig, prepare
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 

@@ -35,15 +35,18 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cache import ROW_INVALID, TeacherCache, write_cache_from_arrays
-from pipeline.data.shards import Manifest, ShardInfo, load_manifest, write_manifest, write_shards
+from pipeline.data.manifest import Manifest, ShardInfo, load_manifest
+from pipeline.data.writing import write_manifest, write_shards
 from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError, ShardError
 from pipeline.fingerprint import sha256_file
-from pipeline.inspect import verify_cache
-from pipeline.lock import LockError, lock_path, output_lock
-from pipeline.neighbors import NeighborsConfig, open_neighbors, run_neighbors
-from pipeline.teach import TeachConfig, run_teach
+from pipeline.stores.base import ROW_INVALID
+from pipeline.stores.inspect import verify_cache
+from pipeline.stores.neighbors import open_neighbors
+from pipeline.stores.teacher import TeacherCache, write_cache_from_arrays
 from stages.cli import app
+from stages.lock import LockError, lock_path, output_lock
+from stages.neighbors.run import NeighborsConfig, run_neighbors
+from stages.teach.run import TeachConfig, run_teach
 from tests._data_helpers import caption_json, png_bytes, write_tar
 from tests.conftest import TINY_CLIP_CFG, tiny_samples
 from tests.test_dvc_pipeline import stages_run, tiny_params, write_raw_folder
@@ -399,7 +402,7 @@ TINY_STUDENT = {"embed_dim": 32, "image_size": 32, "patch_size": 8, "vision_widt
 
 
 def train_cfg(dataset: Path, out: Path, caches: tuple[str, ...], **kw):
-    from pipeline.train import TrainConfig
+    from stages.train.run import TrainConfig
 
     return TrainConfig(student_kwargs=TINY_STUDENT, dataset=str(dataset), caches=caches,
                        out_dir=str(out), batch_size=4, steps=1, device="cpu", **kw)
@@ -423,7 +426,7 @@ def taught(tmp_path, tiny_teacher) -> dict[str, Path]:
 def test_6_stage2_refuses_other_teacher_dataset_or_schema(taught, tmp_path):
     """Fault test 6: training pointed at a cache whose dataset manifest, teacher or schema
     differs is refused before a step, printing both fingerprints (or schema ids)."""
-    from pipeline.train import train
+    from stages.train.run import train
 
     store, dataset = taught["store"], taught["dataset"]
     ours = load_manifest(dataset / "train").fingerprint
@@ -476,7 +479,7 @@ def test_7_damaged_store_is_reported_and_training_refuses(taught, tmp_path, dama
     """Fault test 7: a deleted Zarr shard file, a zeroed byte range inside one (and an emptied
     one): `distill cache verify` reports it and exits 1, and training refuses to start — the
     fill values Zarr would silently return are never read as data."""
-    from pipeline.train import train
+    from stages.train.run import train
 
     store = taught["store"]
     if damage == "zeroed-range":
@@ -513,7 +516,7 @@ def test_7_edited_root_attribute_is_reported_and_refused(taught, tmp_path, key, 
     """A root attribute edited by hand (e.g. the teacher's temperature, which training reads from
     the cache) disagrees with the fingerprinted teacher fields or the arrays: `cache verify` exits
     1 naming it and opening the store (training) refuses it."""
-    from pipeline.train import train
+    from stages.train.run import train
 
     store = taught["store"]
     meta = json.loads((store / "zarr.json").read_text())
@@ -584,7 +587,7 @@ def test_8_neighbors_takes_the_same_lock(taught):
     cfg = NeighborsConfig(teacher="tiny", k=3, cache_root=taught["cfg"].out_root, out_root=str(out),
                           rows_per_shard=ROWS)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pipeline.lock import output_lock\n"
+        [sys.executable, "-c", "import sys, time; from stages.lock import output_lock\n"
          "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
          str(out / "tiny")], stdout=subprocess.PIPE, text=True)
     try:

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import TeacherCache
 from pipeline.losses import LossTerm
-from pipeline.teach import TeachConfig, run_teach
+from pipeline.stores.teacher import TeacherCache
 from pipeline.teachers import create_teacher
-from pipeline.train import TrainConfig, train
+from stages.teach.run import TeachConfig, run_teach
+from stages.train.run import TrainConfig, train
 from tests.conftest import TINY_CLIP_CFG
 from tests.test_train import TINY_STUDENT
 

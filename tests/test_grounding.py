@@ -13,16 +13,19 @@ from PIL import Image
 from torchvision.ops import box_iou as tv_box_iou
 from torchvision.ops import generalized_box_iou as tv_giou
 
-from pipeline.data.prepare import PrepareConfig, prepare
-from pipeline.data.shards import iter_raw, load_manifest, write_manifest, write_shards
+from pipeline.data.manifest import load_manifest
+from pipeline.data.shards import iter_raw
+from pipeline.data.writing import write_manifest, write_shards
 from pipeline.errors import CacheError, PipelineError
-from pipeline.grounding.boxes import accuracy_at, box_iou, generalized_iou, xywh_to_xyxy, xyxy_to_cxcywh
+from pipeline.grounding.boxes import (accuracy_at, box_iou, generalized_iou, xywh_to_xyxy,
+                                      xyxy_to_cxcywh)
 from pipeline.grounding.data import load_split
-from pipeline.grounding.evaluate import score
 from pipeline.grounding.losses import GROUNDING_LOSSES, GroundTargets
 from pipeline.grounding.model import GroundOutput
 from pipeline.grounding.scenes import POOL, build_scene
 from pipeline.losses.base import LossTerm
+from stages.ground.evaluate import score
+from stages.prepare.run import PrepareConfig, prepare
 from tests.conftest import write_scene_shards
 
 REPO = Path(__file__).resolve().parent.parent
@@ -259,7 +262,7 @@ def scenes_dataset(tmp_path, emoji_pool) -> Path:
 def _shuffled_cache(path: Path, split_dir: Path, dim: int = 6, fingerprint: str | None = None) -> tuple[Path, dict]:
     """A teacher cache of ``split_dir`` whose rows are in reversed order; returns the embedding
     of every id, to check the join goes by id."""
-    from pipeline.cache import write_cache_from_arrays
+    from pipeline.stores.teacher import write_cache_from_arrays
 
     split = load_split(split_dir)
     rng = np.random.default_rng(0)
@@ -279,7 +282,7 @@ def _shuffled_cache(path: Path, split_dir: Path, dim: int = 6, fingerprint: str 
 
 
 def test_teacher_targets_are_joined_by_id(scenes_dataset, tmp_path):
-    from pipeline.grounding.train import GroundTrainConfig, teacher_targets
+    from stages.ground.train import GroundTrainConfig, teacher_targets
 
     cache, by_id = _shuffled_cache(tmp_path / "c.zarr", scenes_dataset / "train")
     split = load_split(scenes_dataset / "train")
@@ -293,7 +296,7 @@ def test_teacher_targets_are_joined_by_id(scenes_dataset, tmp_path):
 
 
 def test_cache_of_another_dataset_is_refused(scenes_dataset, tmp_path):
-    from pipeline.grounding.train import GroundTrainConfig, train_grounding
+    from stages.ground.train import GroundTrainConfig, train_grounding
 
     other = "sha256:" + "0" * 64
     cache, _ = _shuffled_cache(tmp_path / "c.zarr", scenes_dataset / "train", fingerprint=other)
@@ -306,8 +309,8 @@ def test_cache_of_another_dataset_is_refused(scenes_dataset, tmp_path):
 
 
 def test_train_with_distillation_then_evaluate_writes_report_with_pictures(scenes_dataset, tmp_path):
-    from pipeline.grounding.evaluate import GroundEvalConfig, evaluate_grounding
-    from pipeline.grounding.train import GroundTrainConfig, train_grounding
+    from stages.ground.evaluate import GroundEvalConfig, evaluate_grounding
+    from stages.ground.train import GroundTrainConfig, train_grounding
 
     cache, _ = _shuffled_cache(tmp_path / "c.zarr", scenes_dataset / "train")
     cfg = GroundTrainConfig(student_kwargs=TINY_GROUNDER, dataset=str(scenes_dataset), cache=str(cache),

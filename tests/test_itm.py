@@ -14,17 +14,21 @@ import yaml
 import zarr
 from typer.testing import CliRunner
 
-from pipeline.cache import TeacherCache
 from pipeline.data.captions import load_captions
-from pipeline.data.shards import SkipCounter, iter_samples, load_manifest
+from pipeline.data.manifest import load_manifest
+from pipeline.data.handlers import SkipCounter
+from pipeline.data.shards import iter_samples
 from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError
 from pipeline.fingerprint import fingerprint
-from pipeline.inspect import cache_info
-from pipeline.itm import ItmConfig, open_itm_scores, run_itm
-from pipeline.neighbors import NeighborsConfig, open_neighbors, run_neighbors
-from pipeline.teach import TeachConfig, run_teach
+from pipeline.stores.inspect import cache_info
+from pipeline.stores.itm import open_itm_scores
+from pipeline.stores.neighbors import open_neighbors
+from pipeline.stores.teacher import TeacherCache
 from pipeline.teachers import create_teacher
 from stages.cli import app
+from stages.itm.run import ItmConfig, run_itm
+from stages.neighbors.run import NeighborsConfig, run_neighbors
+from stages.teach.run import TeachConfig, run_teach
 from tests.conftest import TINY_CLIP_CFG
 from tests.test_teach import Interrupting as TeachInterrupting
 
@@ -262,14 +266,14 @@ def test_a_second_writer_is_refused_by_the_output_lock(make_dataset, tiny_teache
     import subprocess
     import sys
 
-    from pipeline.lock import LockError
+    from stages.lock import LockError
 
     root = make_dataset(n_train=6)
     build_neighbors(root, tiny_teacher, tmp_path)
     cfg = itm_cfg(root, tmp_path)
     out = Path(cfg.out_root) / "dual"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pipeline.lock import output_lock\n"
+        [sys.executable, "-c", "import sys, time; from stages.lock import output_lock\n"
          "with output_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(600)",
          str(out)], stdout=subprocess.PIPE, text=True)
     try:

@@ -8,7 +8,6 @@ import pytest
 
 from pipeline import metrics
 
-
 # ----------------------------------------------------------------------------- brute force
 
 

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data.prepare import SPLITS, PrepareConfig, assign_split, prepare
-from pipeline.data.shards import iter_raw, iter_samples, load_manifest
+from pipeline.data.manifest import load_manifest
+from pipeline.data.samples import SPLITS, assign_split
+from pipeline.data.shards import iter_raw, iter_samples
 from pipeline.errors import ConfigError, PipelineError
+from stages.prepare.run import PrepareConfig, prepare
 from tests._data_helpers import hash_split, image_array, jpeg_bytes, png_bytes
 
 DEMO = Path(__file__).resolve().parents[1] / "demo" / "emoji"
@@ -230,7 +232,7 @@ def test_non_utf8_byte_names_file_line_and_offset(tmp_path: Path, suffix: str, b
 # Runs prepare in a child that SIGKILLs itself once the first split is written, as a kill would.
 KILLED_PREPARE = """
 import os, signal, sys
-from pipeline.data import prepare as P
+from stages.prepare import run as P
 real = P._write_split
 def write_then_die(*args, **kw):
     real(*args, **kw)
@@ -330,8 +332,9 @@ def test_webdataset_split_none_lists_the_shards_in_place(tmp_path: Path) -> None
     samples = list(iter_samples(manifest, decode_images=False))
     assert {s.sample_id.split("/")[1]: s.captions for s in samples} == {k: v[0] for k, v in expected.items()}
     # teach reads the shards where they are
-    from pipeline.cache import TeacherCache
-    from pipeline.teach import TeachConfig, TeacherEntry, run_teach
+    from pipeline.config import TeacherEntry
+    from pipeline.stores.teacher import TeacherCache
+    from stages.teach.run import TeachConfig, run_teach
     from tests.conftest import TINY_CLIP_CFG
 
     teach = TeachConfig(dataset=str(tmp_path / "out"), splits=("train",), out_root=str(tmp_path / "caches"),

@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache import Layout, TeacherCache, write_cache_from_arrays
 from pipeline.errors import CacheError
-from pipeline.rows import RowReader
+from pipeline.stores.base import Layout
+from pipeline.stores.rows import RowReader
+from pipeline.stores.teacher import TeacherCache, write_cache_from_arrays
 from pipeline.synthetic import synthetic_manifest, synthetic_rows, write_synthetic_store
-from pipeline.targets import RowIndex, open_targets
+from pipeline.training.targets import RowIndex, open_targets
 
 REPO = Path(__file__).resolve().parent.parent
 LAYOUT = Layout(rows_per_shard=64, rows_per_chunk=16)
@@ -100,7 +101,7 @@ def test_lazy_rows_with_fill_values_are_refused(tmp_path):
 
 def test_row_index_matches_ids_one_shard_at_a_time(store):
     path, _, ids = store
-    from pipeline.data.shards import Manifest, ShardInfo
+    from pipeline.data.manifest import Manifest, ShardInfo
 
     manifest = Manifest(Path("x"), tuple(ShardInfo(f"a/b-{i}.tar", 1, "0" * 64, 100, 100) for i in range(3)))
     cache = TeacherCache.open(path, lazy=True)
@@ -120,8 +121,9 @@ def test_row_index_matches_ids_one_shard_at_a_time(store):
 def test_training_targets_equal_the_eager_cache(store):
     """open_targets reads rows lazily; what a batch gathers equals the eagerly loaded cache."""
     path, emb, ids = store
-    from pipeline.data.shards import Manifest, ShardInfo
     import zarr
+
+    from pipeline.data.manifest import Manifest, ShardInfo
 
     group = zarr.open_group(str(path), mode="r+")
     manifest = Manifest(Path("x"), tuple(ShardInfo(f"a/b-{i}.tar", 1, "0" * 64, 100, 100) for i in range(3)))

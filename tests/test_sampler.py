@@ -7,8 +7,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from pipeline.sampler import (hard_negative_rate, image_neighbors_from_i2t,
-                              image_neighbors_from_t2t, plan_epoch, random_batch_rate)
+from pipeline.training.sampler import (hard_negative_rate, image_neighbors_from_i2t,
+                                       image_neighbors_from_t2t, plan_epoch, random_batch_rate)
 
 
 def _geometric_neighbors(n: int, k: int, dim: int = 8, seed: int = 0) -> np.ndarray:

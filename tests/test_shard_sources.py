@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipeline.data.shards import (RandomAccess, _iter_groups, _open_tar, build_manifest, iter_raw,
-                                  iter_samples, load_manifest, write_manifest)
+from pipeline.data.manifest import load_manifest
+from pipeline.data.shards import RandomAccess, _iter_groups, _open_tar, iter_raw, iter_samples
+from pipeline.data.writing import build_manifest, write_manifest
 from pipeline.errors import ShardError
 from tests._data_helpers import cut_points, png_bytes, simple_members, write_tar
 

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.shards import (Manifest, SkipCounter, build_manifest, iter_samples, load_manifest,
-                                  make_handler, strict_handler, write_manifest, write_shards)
+from pipeline.data.manifest import Manifest, load_manifest
+from pipeline.data.handlers import SkipCounter, make_handler, strict_handler
+from pipeline.data.shards import iter_samples
+from pipeline.data.writing import build_manifest, write_manifest, write_shards
 from pipeline.errors import SampleDecodeError, ShardError
 from tests._data_helpers import (CORRUPT_PNG, caption_json, cut_points, image_array, jpeg_bytes,
                                  png_bytes, simple_members, write_tar)

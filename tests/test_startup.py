@@ -48,7 +48,7 @@ def test_light_commands_import_no_model_library(args):
 
 
 def test_cache_info_and_verify_import_no_model_library(tiny_store):
-    from pipeline.neighbors import NeighborsConfig, run_neighbors
+    from stages.neighbors.run import NeighborsConfig, run_neighbors
 
     root = tiny_store.parent.parent
     run_neighbors(NeighborsConfig(teacher="tiny", k=3, cache_root=str(root), out_root=str(root / "nn")),

@@ -6,11 +6,13 @@ import random
 import numpy as np
 import pytest
 
-from pipeline.data.shards import RandomAccess, iter_samples, load_manifest, write_manifest, write_shards
+from pipeline.data.manifest import load_manifest
+from pipeline.data.shards import RandomAccess, iter_samples
+from pipeline.data.writing import write_manifest, write_shards
 from pipeline.errors import CacheError, ConfigError, FingerprintMismatchError, ShardError
-from pipeline.neighbors import NeighborsConfig, run_neighbors
-from pipeline.targets import TargetSources, open_targets
-from pipeline.train import load_train_config
+from pipeline.training.targets import TargetSources, open_targets
+from stages.neighbors.run import NeighborsConfig, run_neighbors
+from stages.train.run import load_train_config
 from tests.test_train import TEACHER_DIM, _samples, write_cache
 
 
@@ -100,8 +102,8 @@ def test_recipe_replaces_train_keys_and_unknown_recipes_are_listed():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_planned_stream_yields_the_planned_order(tmp_path, split, workers):
-    from pipeline.loader import LoaderState, PlannedStream, SkipEvent, iter_batches
     from pipeline.students import TrainAugment
+    from pipeline.training.loader import LoaderState, PlannedStream, SkipEvent, iter_batches
 
     cache = write_cache(tmp_path / "cross" / "train.zarr", split)
     targets = open_targets([str(cache)], split)

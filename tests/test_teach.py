@@ -11,12 +11,17 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache import ROW_INVALID, ROW_VALID, Layout, TeacherCache, write_cache_from_arrays
-from pipeline.data.shards import SkipCounter, iter_samples, load_manifest
+from pipeline.data.manifest import load_manifest
+from pipeline.data.handlers import SkipCounter
+from pipeline.data.shards import iter_samples
 from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError, SampleDecodeError
-from pipeline.inspect import cache_info, verify_cache
-from pipeline.neighbors import NeighborsConfig, open_neighbors, run_neighbors
-from pipeline.teach import TeachConfig, prefetch, run_teach
+from pipeline.iterate import prefetch
+from pipeline.stores.base import ROW_INVALID, ROW_VALID, Layout
+from pipeline.stores.inspect import cache_info, verify_cache
+from pipeline.stores.neighbors import open_neighbors
+from pipeline.stores.teacher import TeacherCache, write_cache_from_arrays
+from stages.neighbors.run import NeighborsConfig, run_neighbors
+from stages.teach.run import TeachConfig, run_teach
 
 
 def teach_cfg(root: Path, tmp_path: Path, **kw) -> TeachConfig:
@@ -396,7 +401,7 @@ def test_scratch_markers_without_staging_are_discarded(tmp_path):
 
 
 def test_lock_is_reentrant_in_its_thread_only(tmp_path):
-    from pipeline.lock import lock_path, output_lock
+    from stages.lock import lock_path, output_lock
 
     out = tmp_path / "out"
     with output_lock(out) as path:
@@ -413,7 +418,7 @@ def test_lock_is_reentrant_in_its_thread_only(tmp_path):
 
 
 def _try_lock(out: Path) -> str:
-    from pipeline.lock import LockError, output_lock
+    from stages.lock import LockError, output_lock
 
     try:
         with output_lock(out):

@@ -17,13 +17,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.cache import ROW_INVALID, ROW_VALID, write_cache_from_arrays
-from pipeline.data.shards import iter_samples, load_manifest, write_manifest, write_shards
+from pipeline.data.manifest import load_manifest
+from pipeline.data.shards import iter_samples
+from pipeline.data.writing import write_manifest, write_shards
 from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError, SampleDecodeError
-from pipeline.loader import DistillStream, LoaderState, TrainItem, iter_batches, open_targets
 from pipeline.losses import LossTerm
+from pipeline.stores.base import ROW_INVALID, ROW_VALID
+from pipeline.stores.teacher import write_cache_from_arrays
 from pipeline.students import load_student
-from pipeline.train import TrainConfig, lr_at, train
+from pipeline.training.loader import DistillStream, LoaderState, TrainItem, iter_batches
+from pipeline.training.schedule import lr_at
+from pipeline.training.targets import open_targets
+from stages.train.run import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -247,7 +252,7 @@ def test_no_teacher_is_imported(toy, tmp_path):
     script = (
         "import json, sys\n"
         "from pipeline.config import from_dict\n"
-        "from pipeline.train import TrainConfig, train\n"
+        "from stages.train.run import TrainConfig, train\n"
         f"cfg = from_dict(TrainConfig, json.loads({json.dumps(json.dumps(dataclasses.asdict(cfg)))}))\n"
         "summary = train(cfg, progress=False)\n"
         "assert summary['teacher_forward_calls'] == 0\n"
@@ -321,7 +326,7 @@ def test_a_teacher_forward_during_training_is_caught(toy, tmp_path, tiny_teacher
 def _hold_lock(out: Path):
     """Another process holding the output lock of ``out`` (as a concurrent run would)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pipeline.lock import output_lock\n"
+        [sys.executable, "-c", "import sys, time; from stages.lock import output_lock\n"
          "with output_lock(sys.argv[1], '`distill train`'):\n    print('locked', flush=True); time.sleep(600)",
          str(out)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
@@ -329,7 +334,7 @@ def _hold_lock(out: Path):
 
 
 def test_a_second_train_on_one_output_is_refused(toy, tmp_path):
-    from pipeline.lock import LockError
+    from stages.lock import LockError
 
     out = tmp_path / "student"
     holder = _hold_lock(out)

@@ -10,14 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.data.shards import write_manifest, write_shards
+from pipeline.data.manifest import load_manifest
+from pipeline.data.writing import write_manifest, write_shards
 from pipeline.errors import CacheError
-from pipeline.itm import ItmConfig, run_itm
 from pipeline.losses import LossTerm
-from pipeline.data.shards import load_manifest
-from pipeline.neighbors import NeighborsConfig, open_neighbors, run_neighbors
+from pipeline.stores.neighbors import open_neighbors
 from pipeline.teachers import create_teacher
-from pipeline.train import TrainConfig, train
+from stages.itm.run import ItmConfig, run_itm
+from stages.neighbors.run import NeighborsConfig, run_neighbors
+from stages.train.run import TrainConfig, train
 from tests.test_train import TINY_STUDENT, _samples, write_cache
 
 # Two blocks per tower: one intermediate level each, for the multi-scale losses.

@@ -9,13 +9,14 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache import TeacherCache, write_cache_from_arrays
-from pipeline.data.shards import SkipCounter, iter_samples, load_manifest
+from pipeline.data.manifest import load_manifest
+from pipeline.data.handlers import SkipCounter
+from pipeline.data.shards import iter_samples
 from pipeline.errors import CacheError
-from pipeline.inspect import cache_info, verify_cache
-from pipeline.teach import TeachConfig, run_teach
+from pipeline.stores.inspect import cache_info, verify_cache
+from pipeline.stores.teacher import TeacherCache, write_cache_from_arrays
 from pipeline.views import ViewSpec, apply_view, pick_view, view_params
-
+from stages.teach.run import TeachConfig, run_teach
 from tests.test_teach import Interrupting, tree_digest
 
 VIEWS = 3
@@ -31,8 +32,8 @@ def teach_cfg(root: Path, out: Path, **kw) -> TeachConfig:
 @pytest.fixture(scope="module")
 def view_store(tmp_path_factory, tiny_teacher):
     """A dataset and the v2 store of its train split (3 views per image)."""
+    from pipeline.data.writing import write_manifest, write_shards
     from tests.conftest import tiny_samples
-    from pipeline.data.shards import write_manifest, write_shards
 
     root = tmp_path_factory.mktemp("views")
     for split, n, start in (("train", 13, 0), ("test", 5, 10_000)):
@@ -161,7 +162,7 @@ def test_damaged_view_rows_are_caught(view_store, tmp_path):
 
 def _train_cfg(view_store, out: Path, **kw):
     from pipeline.losses import LossTerm
-    from pipeline.train import TrainConfig
+    from stages.train.run import TrainConfig
     from tests.test_train import TINY_STUDENT
 
     base = dict(student_kwargs=TINY_STUDENT, dataset=str(view_store["data"]),
@@ -174,9 +175,9 @@ def _train_cfg(view_store, out: Path, **kw):
 
 
 def test_train_replays_the_view_of_its_target(view_store, tmp_path):
-    from pipeline.batch import assemble
-    from pipeline.loader import collate, iter_batches, LoaderState
-    from pipeline.train import make_dataset, setup
+    from pipeline.training.batch import assemble
+    from pipeline.training.loader import LoaderState, collate, iter_batches
+    from stages.train.run import make_dataset, setup
 
     run = setup(_train_cfg(view_store, tmp_path / "run"))
     manifest = load_manifest(view_store["data"] / "train")
@@ -194,7 +195,7 @@ def test_train_replays_the_view_of_its_target(view_store, tmp_path):
     rows, views = batch["image_rows"].numpy(), batch["views"].numpy()
     assert np.array_equal(distill.teacher_image_emb.numpy(),
                           cache.image_views[rows, views].astype(np.float16).astype(np.float32))
-    summary = __import__("pipeline.train", fromlist=["train"]).train(run.cfg, progress=False)
+    summary = __import__("stages.train.run", fromlist=["train"]).train(run.cfg, progress=False)
     assert summary["finished"] and summary["teacher_forward_calls"] == 0
 
 
@@ -209,7 +210,7 @@ def _one_view_copy(store: Path, path: Path) -> Path:
 
 
 def test_plain_views_and_v1_stores_train_as_before(view_store, tmp_path):
-    from pipeline.train import train
+    from stages.train.run import train
 
     plain = train(_train_cfg(view_store, tmp_path / "plain", views="plain"), progress=False)
     assert plain["finished"]
@@ -221,7 +222,7 @@ def test_plain_views_and_v1_stores_train_as_before(view_store, tmp_path):
 
 
 def test_ensemble_with_views_needs_the_same_views(view_store, tmp_path):
-    from pipeline.train import train
+    from stages.train.run import train
 
     one = _one_view_copy(view_store["store"], tmp_path / "one.zarr")
     with pytest.raises(CacheError, match="same teach.views settings"):

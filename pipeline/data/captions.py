@@ -7,7 +7,8 @@ indices. Reading captions never decodes (or reads) an image.
 """
 from __future__ import annotations
 
-from pipeline.data.shards import Manifest, iter_samples
+from pipeline.data.manifest import Manifest
+from pipeline.data.shards import iter_samples
 from pipeline.errors import ShardError
 
 

@@ -14,7 +14,7 @@ single URL or ``pipe:`` command; or ``shards`` lists them. Two modes (``prepare.
   gets a ``manifest.json`` that lists the original shards (local paths made absolute, URLs and
   ``pipe:`` commands as given) with their sizes and sha256 (for remote shards also the store's
   version tag), which is what the dataset fingerprint is made of.
-* ``hash``: every sample goes to train/val/test by the split rule of :mod:`pipeline.data.prepare`
+* ``hash``: every sample goes to train/val/test by the split rule of :mod:`pipeline.data.samples`
   on its key (``source_id`` = the sample key), and each split is written as new shards with the
   same atomic writes as every other source. Samples keep their source order within a split;
   the shards are read once to assign splits and once per split to copy, so no more than one
@@ -27,19 +27,18 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pipeline.data.shards import IMAGE_EXTS, iter_raw, write_manifest, write_shards
+from pipeline.data.samples import SPLITS, SourceSettings, assign_split
+from pipeline.data.shards import IMAGE_EXTS, iter_raw, parse_text_fields
 from pipeline.data.sources import expand_sources, local_path, read_shard_list, source_name
+from pipeline.data.writing import write_manifest, write_shards
 from pipeline.errors import ConfigError, PipelineError, ShardError
 from pipeline.progress import note, progress_task
 from pipeline.scratch import replace_dir
 
-if TYPE_CHECKING:
-    from pipeline.data.prepare import PrepareConfig
 
-
-def shard_sources(cfg: "PrepareConfig") -> list[str]:
+def shard_sources(cfg: SourceSettings) -> list[str]:
     """The shards ``src`` (or ``shards``) names, each a single source (local paths absolute)."""
     if cfg.shards:
         specs = expand_sources(cfg.shards, Path.cwd())
@@ -70,7 +69,7 @@ def shard_sources(cfg: "PrepareConfig") -> list[str]:
     return out
 
 
-def prepare_webdataset(cfg: "PrepareConfig", progress: bool | None = None) -> dict[str, Any]:
+def prepare_webdataset(cfg: SourceSettings, progress: bool | None = None) -> dict[str, Any]:
     """Bring shards in as they are (``split: none``) or hash-split them into new shards."""
     sources = shard_sources(cfg)
     out = Path(cfg.out)
@@ -106,11 +105,9 @@ def _label(files: dict[str, bytes], label_key: str | None) -> Any:
     return json.loads(files["json"]).get(label_key)
 
 
-def _hash_split(cfg: "PrepareConfig", sources: list[str], tmp: Path,
+def _hash_split(cfg: SourceSettings, sources: list[str], tmp: Path,
                 progress: bool | None) -> dict[str, Any]:
     """Assign every sample a split by its key, then write each split's samples as new shards."""
-    from pipeline.data.prepare import SPLITS, assign_split
-
     split_of: dict[str, str] = {}
     where: dict[str, str] = {}
     for spec in sources:  # pass 1: validate and assign (no image kept)
@@ -131,8 +128,6 @@ def _hash_split(cfg: "PrepareConfig", sources: list[str], tmp: Path,
 def _samples_of(split: str, sources: list[str], split_of: dict[str, str], label_key: str | None,
                 advance: Callable[..., None]) -> Iterator[dict[str, Any]]:
     """The samples of one split, in source order, as new shard samples (image, captions json)."""
-    from pipeline.data.shards import parse_text_fields
-
     for spec in sources:
         shard = source_name(spec)
         for key, files in iter_raw(spec, shard):
@@ -156,7 +151,7 @@ def _write(rows: Iterator[dict[str, Any]], out_dir: Path, split: str, shard_size
             "fingerprint": manifest.fingerprint, "copied": True}
 
 
-def check_settings(cfg: "PrepareConfig") -> None:
+def check_settings(cfg: SourceSettings) -> None:
     """Settings that only make sense with (or without) this source."""
     if cfg.source != "webdataset":
         if cfg.split != "hash" or cfg.shards:

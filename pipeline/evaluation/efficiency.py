@@ -21,7 +21,7 @@ from pipeline.evaluation.scoring import EncodedSplit
 from pipeline.students import Student, load_student
 
 if TYPE_CHECKING:
-    from pipeline.evaluate import EvalConfig
+    from pipeline.evaluation.config import EvalConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MEMORY_METHOD = ("peak resident set size (VmHWM, the kernel's RSS high-water mark) of a fresh Python "

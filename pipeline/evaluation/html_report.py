@@ -27,7 +27,7 @@ from pipeline.evaluation.report import efficiency_rows, fmt
 from pipeline.evaluation.scoring import Gallery
 
 if TYPE_CHECKING:
-    from pipeline.evaluate import EvalConfig
+    from pipeline.evaluation.config import EvalConfig
 
 THUMB_PX = 112  # longest side of a gallery thumbnail
 
@@ -84,7 +84,7 @@ def thumbnail(image: PIL.Image.Image, px: int = THUMB_PX) -> PIL.Image.Image:
 
 def _figure_uri(draw: Callable[[Any], None], size: tuple[float, float]) -> str:
     """Draw with matplotlib's object API (no global pyplot state) and embed as PNG."""
-    from matplotlib.figure import Figure  # imported here: only the report needs matplotlib
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=size, dpi=110, layout="constrained")
     draw(fig)

@@ -14,7 +14,7 @@ from pipeline import metrics as M
 from pipeline.evaluation.efficiency import MEMORY_METHOD
 
 if TYPE_CHECKING:
-    from pipeline.evaluate import EvalConfig
+    from pipeline.evaluation.config import EvalConfig
 
 
 def clean_numbers(value: Any) -> Any:

@@ -11,13 +11,15 @@ import PIL.Image
 import torch
 
 from pipeline import metrics as M
-from pipeline.cache import TeacherCache
-from pipeline.data.shards import Manifest, SkipCounter, iter_samples
+from pipeline.data.manifest import Manifest
+from pipeline.data.handlers import SkipCounter
+from pipeline.data.shards import RandomAccess, iter_samples
 from pipeline.progress import progress_task
+from pipeline.stores.teacher import TeacherCache
 from pipeline.students import Student
 
 if TYPE_CHECKING:  # the config lives with the stage runner, which imports this module
-    from pipeline.evaluate import EvalConfig
+    from pipeline.evaluation.config import EvalConfig
 
 
 @dataclass
@@ -155,7 +157,7 @@ class Scores:
     unavailable: dict[str, str] = field(default_factory=dict)  # metric -> why it has no value
 
 
-# Why a single-modal NDCG has no value: no query has a relevant item (README "Evaluation").
+# Why a single-modal NDCG has no value: no query has a relevant item (docs/evaluation.md).
 NDCG_UNAVAILABLE = {
     "i2i": ("no test image has a relevant other image: image→image relevance comes from labels "
             "(two images are relevant when they share a label), and {why}. Give each sample a "
@@ -308,3 +310,22 @@ def retrieval_gallery(split: EncodedSplit, rows: EvalRows, teacher: tuple[np.nda
                        for j in _top(sims, top)]
         image_queries.append(q)
     return Gallery(caption_queries, image_queries)
+
+
+def teacher_rows(cache: TeacherCache | None, rows: EvalRows):
+    """The teacher's (image, text) embeddings on the scored rows, when it has both towers."""
+    if cache is None or cache.image_emb is None or cache.text_emb is None:
+        return None
+    return (cache.image_emb[rows.cache_image_rows].astype(np.float32),  # rows only, as float32
+            cache.text_emb[rows.cache_text_rows].astype(np.float32))
+
+
+def gallery_images(manifest: Manifest, gallery: Gallery) -> dict[str, PIL.Image.Image]:
+    """The images the gallery shows, read by id from the shards (only those, not the split)."""
+    reader = RandomAccess(manifest, handler=SkipCounter())
+    try:
+        images = {sid: reader.read(sid).image for sid in gallery.image_ids()}
+    finally:
+        reader.close()
+    gray = PIL.Image.new("RGB", (64, 64), (128, 128, 128))
+    return {sid: im if im is not None else gray for sid, im in images.items()}

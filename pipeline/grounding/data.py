@@ -29,18 +29,17 @@ import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-from pipeline.data.shards import IMAGE_EXTS, decode_image, iter_raw, load_manifest
+from pipeline.data.manifest import load_manifest
+from pipeline.data.samples import RawSample, SourceSettings, coco_image, load_json
+from pipeline.data.shards import IMAGE_EXTS, decode_image, iter_raw
 from pipeline.errors import PipelineError, ShardError
 from pipeline.grounding.boxes import xywh_to_xyxy, xyxy_to_cxcywh
-
-if TYPE_CHECKING:
-    from pipeline.data.prepare import PrepareConfig, RawSample
 
 BOX_TOLERANCE = 1.0  # px a box may pass the image border by (rounded float annotations)
 
@@ -89,9 +88,7 @@ def load_refs(path: Path) -> list[dict[str, Any]]:
 
 def _load_instances(path: Path) -> tuple[dict[int, dict], dict[int, dict], dict[int, str]]:
     """(images by id, annotations by id, category names by id) of an ``instances.json``."""
-    from pipeline.data.prepare import _load_json
-
-    data = _load_json(path)
+    data = load_json(path)
     try:
         images = {img["id"]: img for img in data["images"]}
         anns = {ann["id"]: ann for ann in data["annotations"]}
@@ -106,9 +103,7 @@ REF_SPLITS = {"train": "train", "val": "val", "test": "test", "testA": "test", "
 
 
 def _ref_sample(ref: dict[str, Any], images: dict, anns: dict, cats: dict, src: Path,
-                subdirs: list[Path], where: str) -> "RawSample":
-    from pipeline.data.prepare import RawSample, _coco_image
-
+                subdirs: list[Path], where: str) -> RawSample:
     try:
         ref_id, ann_id, split = ref["ref_id"], ref["ann_id"], ref["split"]
         sentences = [s.get("sent") or s.get("raw") or "" for s in ref["sentences"]]
@@ -130,11 +125,11 @@ def _ref_sample(ref: dict[str, Any], images: dict, anns: dict, cats: dict, src: 
     meta = {"boxes": [box] * len(expressions), "types": [split] * len(expressions),
             "ref_id": ref_id, "ann_id": ann_id, "image_id": ann["image_id"],
             "category": cats.get(ann.get("category_id"), "")}
-    path = _coco_image(src, subdirs, image["file_name"], None, key)
+    path = coco_image(src, subdirs, image["file_name"], None, key)
     return RawSample(f"ref{ref_id}", path, None, expressions, meta, REF_SPLITS[split])
 
 
-def read_refcoco(cfg: "PrepareConfig") -> list["RawSample"]:
+def read_refcoco(cfg: SourceSettings) -> list[RawSample]:
     """One sample per ref of ``cfg.split_file`` (refs pickle) with boxes from ``cfg.annotations_file``."""
     if not cfg.split_file or not cfg.annotations_file:
         raise PipelineError("prepare: source 'refcoco' needs split_file (refs(*).p) and "
@@ -164,9 +159,7 @@ def _wds_boxes(meta: dict[str, Any], n: int, where: str) -> list[Any]:
     raise PipelineError(f"{where}: json has no 'box' (one pixel [x, y, w, h]) or 'boxes'")
 
 
-def _wds_sample(shard: str, key: str, files: dict[str, bytes]) -> "RawSample":
-    from pipeline.data.prepare import RawSample
-
+def _wds_sample(shard: str, key: str, files: dict[str, bytes]) -> RawSample:
     where = f"shard {shard}, key {key!r}"
     meta = json.loads(files["json"]) if "json" in files else {}
     expressions = meta.get("expressions")
@@ -187,7 +180,7 @@ def _wds_sample(shard: str, key: str, files: dict[str, bytes]) -> "RawSample":
     return RawSample(key, None, (ext, files[ext]), tuple(e.strip() for e in expressions), out_meta)
 
 
-def read_grounding_wds(cfg: "PrepareConfig") -> list["RawSample"]:
+def read_grounding_wds(cfg: SourceSettings) -> list[RawSample]:
     """Every sample of the ``*.tar`` shards in ``cfg.src`` (keys are the source ids)."""
     src = Path(cfg.src)
     shards = sorted(src.glob("*.tar"))

@@ -188,7 +188,8 @@ def build_scene(emoji: dict[str, Image.Image], index: int, seed: int = 0) -> Sce
 
 def load_pool(emoji_dir: str) -> dict[str, Image.Image]:
     """The pool's emoji images (RGBA) by expression name, read from the shipped emoji shards."""
-    from pipeline.data.shards import iter_raw, load_manifest
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.shards import iter_raw
 
     wanted = dict(POOL)
     manifest = load_manifest(emoji_dir, verify=True)

@@ -10,9 +10,8 @@ feature, similarity_kl), one module per paper (``clip_kd``, ``dsmd``, ``structur
 ``epmvg``) and ``balancer``. Importing the package registers every loss.
 """
 from pipeline.losses.balancer import BALANCERS, DSMDBalancer, FixedBalancer, LossBalancer
-from pipeline.losses.base import (FIELD_SOURCES, LOSSES, NEIGHBOR_SOURCE, CombinedLoss,
-                                  DistillBatch, DistillLoss, EnsembleTerm, LossTerm, build_objective,
-                                  check_requirements, field_source, info_nce, row_kl,
+from pipeline.losses.base import (LOSSES, CombinedLoss, DistillBatch, DistillLoss, EnsembleTerm,
+                                  LossTerm, build_objective, check_requirements, info_nce, row_kl,
                                   teacher_similarity_logits)
 from pipeline.losses.basic import ContrastiveLoss, FeatureLoss, SimilarityKL
 from pipeline.losses.clip_kd import FDLoss, ICLLoss
@@ -23,11 +22,11 @@ from pipeline.losses.mcad import Integration, MCADCandidates, MCADFeature
 from pipeline.losses.structure import SARDMatching, SARDRelational, SARDRepresentation
 
 __all__ = [
-    "BALANCERS", "FIELD_SOURCES", "LOSSES", "NEIGHBOR_SOURCE", "CombinedLoss", "ContrastiveLoss",
+    "BALANCERS", "LOSSES", "CombinedLoss", "ContrastiveLoss",
     "DSMDBalancer", "DSMDContrastive", "DSMDFeature", "DSMDHardNegative", "DSMDSimilarity",
     "DistillBatch", "DistillLoss", "EnsembleTerm", "EpmVGLoss", "FDLoss", "FeatureLoss", "FixedBalancer",
     "ICLLoss", "Integration", "LossBalancer", "LossTerm", "MCADCandidates", "MCADFeature",
     "MultiScaleLoss", "SARDMatching", "SARDRelational", "SARDRepresentation", "SimilarityKL",
-    "build_objective", "check_requirements", "field_source", "info_nce", "row_kl",
+    "build_objective", "check_requirements", "info_nce", "row_kl",
     "teacher_similarity_logits",
 ]

@@ -9,7 +9,7 @@ a ``CombinedLoss`` whose weights are set by a balancer (``fixed`` by default).
 from __future__ import annotations
 
 import inspect
-from dataclasses import KW_ONLY, dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, make_dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -18,23 +18,9 @@ from torch import Tensor, nn
 
 from pipeline.config import setting
 from pipeline.errors import CacheError
+from pipeline.fields import ROLE_BATCH_FIELDS, made_by
 from pipeline.losses.balancer import BALANCERS, LossBalancer
 from pipeline.registry import Registry
-
-# Which stage writes each cache field: named in the error when a loss needs a missing one.
-FIELD_SOURCES: dict[str, str] = {
-    "image_emb": "stage `teach` with a teacher that has the image modality",
-    "text_emb": "stage `teach` with a teacher that has the text modality",
-    "vision_teacher_emb": "stage `teach` with a vision-only teacher, listed as train.vision_teacher",
-    "text_teacher_emb": "stage `teach` with a text-only teacher, listed as train.text_teacher",
-    "single_image_emb": "stage `teach` with the single-stream teacher, "
-                        "train.single_stream_teacher",
-    "single_text_emb": "stage `teach` with the single-stream teacher, "
-                       "train.single_stream_teacher",
-    "i2t_topk_idx": "stage `neighbors`, train.neighbors",
-    "i2t_cand_itm": "stage `itm`, train.itm_scores",
-}
-NEIGHBOR_SOURCE = "stage `neighbors` (top-k neighbours of the teacher cache)"
 
 # Stand-in for -inf in masked softmaxes: finite, so masked entries give 0 * finite in the
 # backward pass instead of 0 * nan.
@@ -42,11 +28,14 @@ MASKED_LOGIT = -1e9
 
 
 @dataclass
-class DistillBatch:
+class _BatchFields:
     """One training batch as the losses see it: row ``j`` of every tensor is one (image, caption).
 
     The first eight fields are positional; the rest are keyword-only and optional, filled by the
-    trainer only when a configured loss reads them.
+    trainer only when a configured loss reads them. :class:`DistillBatch` adds one keyword field
+    per role-teacher field of :data:`pipeline.fields.FIELDS` (``vision_teacher_emb [B, Dv]``,
+    ``text_teacher_emb [B, Dl]``, ``single_image_emb``/``single_text_emb [B, Dq]``...: the
+    batch's rows of that store, float32, no grad).
     """
 
     image_emb: Tensor                   # student image embeddings [B, Ds], L2-normalised
@@ -62,10 +51,6 @@ class DistillBatch:
     # shallow to deep, the final embedding excluded.
     image_levels: tuple[Tensor, ...] = ()
     text_levels: tuple[Tensor, ...] = ()
-    vision_teacher_emb: Tensor | None = None   # [B, Dv] vision-only teacher, batch images
-    text_teacher_emb: Tensor | None = None     # [B, Dl] text-only teacher, batch captions
-    single_image_emb: Tensor | None = None     # [B, Dq] single-stream teacher, unimodal image
-    single_text_emb: Tensor | None = None      # [B, Dq] single-stream teacher, unimodal text
     # Each anchor image's K candidate captions = the cross-modal teacher's top-K image->text
     # neighbours, in the teacher's rank order:
     cand_text_emb: Tensor | None = None        # [B, K, Ds] STUDENT embeddings, L2-normalised
@@ -84,7 +69,7 @@ class DistillBatch:
         """Cross-modal teachers in the batch (1 without an ensemble)."""
         return max(1, len(self.ensemble_image_emb))
 
-    def member(self, i: int) -> "DistillBatch":
+    def member(self, i: int) -> Any:
         """This batch as seen with ensemble member ``i`` as the only cross-modal teacher."""
         if not self.ensemble_image_emb:
             return self
@@ -92,6 +77,13 @@ class DistillBatch:
                        teacher_text_emb=self.ensemble_text_emb[i],
                        teacher_logit_scale=self.ensemble_logit_scale[i],
                        ensemble_image_emb=(), ensemble_text_emb=(), ensemble_logit_scale=())
+
+
+# The batch with one attribute per role-teacher field of the field table (see _BatchFields).
+DistillBatch = make_dataclass(
+    "DistillBatch", [(f.batch, "Tensor | None", field(default=None, kw_only=True))
+                     for f in ROLE_BATCH_FIELDS],
+    bases=(_BatchFields,), namespace={"__doc__": _BatchFields.__doc__, "__module__": __name__})
 
 
 @dataclass(frozen=True)
@@ -162,7 +154,7 @@ def need(batch: DistillBatch, name: str, loss: str) -> Any:
                        "cand_valid": "i2t_topk_idx", "cand_is_positive": "i2t_topk_idx",
                        "cand_itm": "i2t_cand_itm"}.get(name, name)
         raise CacheError(f"loss {loss!r}: the batch has no {name!r}; it comes from "
-                         f"{field_source(cache_field)}")
+                         f"{made_by(cache_field)}")
     return value
 
 
@@ -334,15 +326,6 @@ def build_objective(terms: Iterable[LossTerm | Mapping[str, Any]], student_dim: 
     return CombinedLoss(modules, weights, made)
 
 
-def field_source(name: str) -> str:
-    """The stage that writes cache field ``name``."""
-    if name in FIELD_SOURCES:
-        return FIELD_SOURCES[name]
-    if "topk" in name:
-        return NEIGHBOR_SOURCE
-    return "an earlier stage"
-
-
 def check_requirements(objective: CombinedLoss, available: Iterable[str],
                        caches: Sequence[str] = (), *, neighbor_k: int | None = None,
                        itm_k: int | None = None) -> None:
@@ -357,13 +340,13 @@ def check_requirements(objective: CombinedLoss, available: Iterable[str],
             raise CacheError(
                 f"loss {name!r} needs cache field {needed!r}, which the configured cache(s) "
                 f"{list(caches)} do not provide (available: {sorted(available)}); it is made by "
-                f"{field_source(needed)}: run it and point the training config at its output")
+                f"{made_by(needed)}: run it and point the training config at its output")
         for count, have, cache_field in ((term.candidates, neighbor_k, "i2t_topk_idx"),
                                          (term.itm_candidates, itm_k, "i2t_cand_itm")):
             if have is not None and count > have:
                 raise CacheError(
                     f"loss {name!r} reads {count} candidates per image from {cache_field!r}, but "
-                    f"the cache holds {have}; rerun {field_source(cache_field)} with k >= {count} "
+                    f"the cache holds {have}; rerun {made_by(cache_field)} with k >= {count} "
                     "or lower the loss's kwargs")
 
 

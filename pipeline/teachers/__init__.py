@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.teachers.base import DEFAULT_LOGIT_SCALE, TEACHERS, Teacher
 # imported for their registrations
 from pipeline.teachers import aligned, blip, demo_clip, hf_text, open_clip_teacher, vision  # noqa: F401
+from pipeline.teachers.base import DEFAULT_LOGIT_SCALE, TEACHERS, Teacher
 
 __all__ = ["DEFAULT_LOGIT_SCALE", "TEACHERS", "Teacher", "create_teacher", "list_teachers"]
 

@@ -38,9 +38,8 @@ import torch
 from PIL import Image
 
 from pipeline.fingerprint import canonical_json
-from pipeline.teachers.base import (
-    DEFAULT_LOGIT_SCALE, TEACHERS, Teacher, state_dict_sha256, weights_sha256,
-)
+from pipeline.teachers.base import (DEFAULT_LOGIT_SCALE, TEACHERS, Teacher, state_dict_sha256,
+                                    weights_sha256)
 
 # BLIP's retrieval code tokenises captions with truncation at 35 tokens (models/blip_retrieval.py).
 BLIP_MAX_LENGTH = 35
@@ -106,7 +105,8 @@ class _Built(NamedTuple):
 
 def _build_tiny(seed: int) -> _Built:
     """Random-initialised miniature from a private generator seeded with ``seed``."""
-    from transformers import BertTokenizer, BlipConfig, BlipForImageTextRetrieval, BlipImageProcessor
+    from transformers import (BertTokenizer, BlipConfig, BlipForImageTextRetrieval,
+                              BlipImageProcessor)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

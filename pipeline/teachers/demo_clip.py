@@ -31,9 +31,8 @@ import torch
 from pipeline.fingerprint import fingerprint as hash_obj
 from pipeline.teachers.base import TEACHERS, Teacher, require_demo, weights_sha256
 from pipeline.teachers.hf_text import HFTextTeacher
-from pipeline.teachers.vision import (
-    EFFICIENTNET_LITE0_LABEL, efficientnet_transform, load_efficientnet_lite,
-)
+from pipeline.teachers.vision import (EFFICIENTNET_LITE0_LABEL, efficientnet_transform,
+                                      load_efficientnet_lite)
 
 # Cosines between these embeddings span roughly the same narrow range as a real CLIP's
 # image-text cosines, so the demo uses the scale real CLIPs end at (open_clip clamps the

@@ -9,9 +9,8 @@ from typing import Any, Callable
 
 import torch
 
-from pipeline.teachers.base import (
-    DEFAULT_LOGIT_SCALE, TEACHERS, Teacher, require_demo, weights_sha256,
-)
+from pipeline.teachers.base import (DEFAULT_LOGIT_SCALE, TEACHERS, Teacher, require_demo,
+                                    weights_sha256)
 
 # Pooling over token states [B,T,H] given the attention mask [B,T].
 POOLINGS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {

@@ -9,9 +9,8 @@ from typing import Any
 import torch
 from torchvision import transforms as T
 
-from pipeline.teachers.base import (
-    DEFAULT_LOGIT_SCALE, TEACHERS, Teacher, require_demo, state_dict_sha256, weights_sha256,
-)
+from pipeline.teachers.base import (DEFAULT_LOGIT_SCALE, TEACHERS, Teacher, require_demo,
+                                    state_dict_sha256, weights_sha256)
 
 # Values used by efficientnet_lite_pytorch's own example (torchvision's ImageNet statistics).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
