@@ -22,6 +22,7 @@ CATALOG: dict[str, dict[str, str]] = {
         "timm_vision": "pipeline.teachers.vision:make_timm_vision",
     },
     "student": {
+        "open_clip": "pipeline.students.open_clip_student:make_open_clip",
         "open_clip_tiny": "pipeline.students.open_clip_student:make_open_clip_tiny",
         "timm_hf": "pipeline.students.timm_hf:make_timm_hf",
     },

@@ -24,7 +24,7 @@ C = TypeVar("C")
 # and the teacher names dvc.yaml interpolates. ``tests/test_config.py`` checks this list against
 # the generated schema, so a new section is added to both.
 PARAMS_SECTIONS = ("prepare", "teachers", "teach", "align", "neighbors", "itm", "train", "recipes", "evaluate",
-                   "distill_from", "vision_from", "text_from", "single_stream_from", "grounding")
+                   "export", "distill_from", "vision_from", "text_from", "single_stream_from", "grounding")
 
 # Bound keywords a field may declare (JSON-schema names); sequences apply them to each item.
 _BOUND_KEYS = ("minimum", "maximum", "exclusiveMinimum", "pattern")

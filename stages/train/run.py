@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.config import (DEVICE_PATTERN, check_settings, from_dict, load_params, recipe_fields,
+from pipeline.config import (DEVICE_PATTERN, TeacherEntry, check_settings, from_dict, load_params, recipe_fields,
                              setting)
 from pipeline.data.captions import load_captions
 from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.devices import resolve_device, torch_threads
-from pipeline.errors import CacheError, PipelineError
+from pipeline.errors import CacheError, ConfigError, PipelineError
 from pipeline.fingerprint import fingerprint
 from pipeline.losses import CombinedLoss, LossTerm, build_objective, check_requirements
 from pipeline.progress import progress_task
@@ -59,11 +59,29 @@ LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class StudentInit:
+    """Where the student's first weights come from (``train.init``). Unset: its factory's
+    (random, or ``pretrained``/``pretrained_file`` in ``train.student_kwargs``). ``from_teacher``:
+    weight inheritance, a student of that teacher's family with the chosen layers and the
+    teacher's weights (:mod:`pipeline.students.inherit`); ``train.student_kwargs`` then override
+    the derived architecture."""
+
+    from_teacher: str | None = None               # a `teachers` entry (its weights are read once)
+    image_layers: tuple[int, ...] | None = setting(None, minimum=0)  # teacher image blocks kept, in
+                                                  # order (None: all)
+    text_layers: tuple[int, ...] | None = setting(None, minimum=0)   # teacher text layers kept
+    weights: Literal["teacher", "random"] = "teacher"  # random: the same architecture with random
+                                                  # weights (what inheritance adds, measured)
+    teacher: TeacherEntry | None = None           # that entry; filled from `teachers.<from_teacher>`
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Parameters of the ``train`` stage (``params.yaml`` section ``train``)."""
 
     student: str = "open_clip_tiny"                               # STUDENTS registry name
     student_kwargs: dict[str, Any] = field(default_factory=dict)  # architecture overrides
+    init: StudentInit = field(default_factory=StudentInit)        # the student's first weights
     recipe: str | None = None                 # name of a `recipes` entry of params.yaml; its keys
                                               # (losses, balancer, ...) replace those given here
     losses: tuple[LossTerm, ...] = (LossTerm("contrastive"), LossTerm("similarity_kl"))
@@ -136,6 +154,16 @@ def load_train_config(params: str | Path | dict = "params.yaml") -> TrainConfig:
                                "(none: add a `recipes` section)")
         recipe.pop("description")
         section.update(recipe)
+    init = dict(section.get("init") or {})
+    name = init.get("from_teacher")
+    if name is not None and init.get("teacher") is None:
+        teachers = data.get("teachers") or {}
+        if name not in teachers:
+            raise ConfigError(f"train.init.from_teacher: {name!r} is not a `teachers` entry (known: "
+                              f"{', '.join(sorted(teachers)) or 'none'}); add it there, or give "
+                              "its entry as train.init.teacher (e.g. {teacher: aligned, kwargs: "
+                              "{heads: models/align/aligned}} for the teacher `distill align` made)")
+        section["init"] = init | {"teacher": teachers[name]}
     return from_dict(TrainConfig, section, "train")
 
 
@@ -197,6 +225,8 @@ def run_fingerprint(cfg: TrainConfig, manifest: Manifest, targets: TeacherTarget
     settings = {k: v for k, v in asdict(cfg).items() if k in keys}
     if cfg.views != "plain":  # (absent when plain: fingerprints of runs without views unchanged)
         settings["views"] = cfg.views
+    if cfg.init.from_teacher is not None:  # (likewise absent without inheritance)
+        settings["init"] = asdict(cfg.init)
     return fingerprint({"settings": settings, "dataset": manifest.fingerprint,
                         "teachers": sorted(targets.teacher_fingerprints.values())})
 
@@ -265,14 +295,13 @@ def setup(cfg: TrainConfig, world: World = SINGLE) -> TrainRun:
     """Open data and stores, build student, objective and optimizer (deterministic in seed)."""
     manifest = load_manifest(Path(cfg.dataset) / cfg.split)
     check_world(cfg, manifest, world)
+    student = build_student(cfg)  # before the stores are verified: a bad student fails at once
     targets = open_targets(cfg.caches, manifest, target_sources(cfg),
                            ReadOptions(cfg.target_cache_mb << 20, cfg.verify_stores))
     check_views(targets, cfg.views)
     device = torch.device(device_for(resolve_device(cfg.device), world))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed)
-    student = create_student(cfg.student, **cfg.student_kwargs)
     objective = build_objective(cfg.losses, student.embed_dim, targets.dims,
                                 level_dims=student.level_dims(), balancer=cfg.balancer,
                                 balancer_kwargs=cfg.balancer_kwargs,
@@ -290,6 +319,25 @@ def setup(cfg: TrainConfig, world: World = SINGLE) -> TrainRun:
     return TrainRun(cfg, device, manifest, targets, student, objective, optimizer,
                     total_steps(cfg, targets), run_fingerprint(cfg, manifest, targets), plan,
                     world=world, model=model)
+
+
+def build_student(cfg: TrainConfig) -> Student:
+    """The student, seeded by ``train.seed``: from its factory, or inheriting from a teacher
+    (built here to read its weights once; it runs no forward pass)."""
+    if cfg.init.from_teacher is None:
+        torch.manual_seed(cfg.seed)
+        return create_student(cfg.student, **cfg.student_kwargs)
+    from pipeline.students.inherit import inherit
+    from pipeline.teachers import create_teacher
+
+    entry = cfg.init.teacher
+    if entry is None:
+        raise ConfigError(f"train.init.from_teacher: {cfg.init.from_teacher!r} has no teacher entry; "
+                          "add it to `teachers` in params.yaml")
+    teacher = create_teacher(entry.teacher, **entry.kwargs)
+    torch.manual_seed(cfg.seed)  # after the teacher: its own initialisation draws no student weights
+    return inherit(teacher, cfg.init.from_teacher, cfg.init.image_layers, cfg.init.text_layers,
+                   dict(cfg.student_kwargs), student_name=cfg.student, weights=cfg.init.weights)
 
 
 def step_loss(run: TrainRun, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
