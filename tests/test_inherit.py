@@ -15,13 +15,16 @@ import torch
 from PIL import Image
 
 from pipeline.config import TeacherEntry
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.losses import LossTerm
 from pipeline.fingerprint import fingerprint
 from pipeline.students import load_student
 from pipeline.students.inherit import inherit
 from pipeline.teachers import Teacher, create_teacher
 from pipeline.teachers.aligned import AlignHeads, aligned_fingerprint, heads_sha256, save_heads
+from stages.train.run import StudentInit, load_train_config, train
 from tests.test_teachers import TINY_CLIP
+from tests.test_train import _cfg, toy  # noqa: F401  (the toy dataset and caches)
 
 TINY_CLIP3 = {**TINY_CLIP, "vision_cfg": {**TINY_CLIP["vision_cfg"], "layers": 3},
               "text_cfg": {**TINY_CLIP["text_cfg"], "layers": 2}}
@@ -185,3 +188,29 @@ def test_a_saved_inherited_student_reloads_without_its_teacher(aligned, tmp_path
         torch.testing.assert_close(loaded.encode_image(pixels), student.encode_image(pixels))
     spec = json.loads((tmp_path / "student.json").read_text())
     assert spec["init"]["image_layers"] == [0, 1, 3, 5, 8, 11, 15]
+
+
+
+def test_training_from_an_inherited_start_runs_no_teacher_forward(toy, tmp_path):  # noqa: F811
+    """`train.init.from_teacher`: the teacher is built once to read its weights, the run counts no
+    teacher forward pass, the saved spec records the inheritance, and the run's fingerprint
+    differs from training the same student from random weights."""
+    entry = TeacherEntry("open_clip", {"model_cfg": TINY_CLIP3, "seed": 3})
+    init = StudentInit(from_teacher="clip", image_layers=(0, 2), text_layers=(1,), teacher=entry)
+    forwards = Teacher.total_forward_calls
+    cfg = _cfg(toy, tmp_path / "inherited", student="open_clip", student_kwargs={}, init=init,
+               steps=2, losses=(LossTerm("contrastive"), LossTerm("feature")))
+    summary = train(cfg, progress=False)
+    assert summary["teacher_forward_calls"] == 0 and Teacher.total_forward_calls == forwards
+    spec = json.loads((tmp_path / "inherited" / "student.json").read_text())
+    assert spec["init"]["image_layers"] == [0, 2] and spec["init"]["from_teacher"] == "clip"
+    random = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "random"),
+                                       init=dataclasses.replace(init, weights="random")), progress=False)
+    assert random["run_fingerprint"] != summary["run_fingerprint"]
+    assert random["spec"]["init"]["inherited"] == []
+    # from params.yaml: from_teacher names a `teachers` entry, or the entry is given inline
+    params = {"teachers": {"clip": dataclasses.asdict(entry)},
+              "train": {"student": "open_clip", "init": {"from_teacher": "clip", "text_layers": [1]}}}
+    assert load_train_config(params).init.teacher == entry
+    with pytest.raises(ConfigError, match="'nope' is not a `teachers` entry"):
+        load_train_config({"train": {"init": {"from_teacher": "nope"}}})

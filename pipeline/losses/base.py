@@ -350,15 +350,33 @@ def check_requirements(objective: CombinedLoss, available: Iterable[str],
                     "or lower the loss's kwargs")
 
 
-def projection_heads(in_dim: int, teacher_dims: Mapping[str, int],
-                     targets: Mapping[str, str]) -> nn.ModuleDict:
-    """One learnable ``Linear(in_dim, teacher_dims[key])`` per ``{head name: teacher key}``.
+PROJECTIONS = ("auto", "linear", "identity")
+
+
+def projection_heads(in_dim: int, teacher_dims: Mapping[str, int], targets: Mapping[str, str],
+                     projection: str = "auto") -> nn.ModuleDict:
+    """One head per ``{head name: teacher key}`` mapping student embeddings to the teacher's dim:
+    ``linear`` a learnable ``Linear(in_dim, teacher_dims[key])``; ``identity`` none (the student's
+    embedding is compared as it is: the dims must agree); ``auto`` (the default) identity where
+    the dims agree, else linear. Where the student shares its teacher's space (a student that
+    inherited the teacher's heads), a learned head would let the student's own space drift away
+    from the teacher's; where the dims differ, a head is needed.
 
     A teacher key without a dim (its cache is not configured) gets no head: the loss's
     ``requires`` makes ``check_requirements`` refuse the run before any forward.
     """
-    return nn.ModuleDict({name: nn.Linear(in_dim, teacher_dims[key])
-                          for name, key in targets.items() if key in teacher_dims})
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection {projection!r} is not one of {list(PROJECTIONS)}")
+    heads = {}
+    for name, key in targets.items():
+        if key not in teacher_dims:
+            continue
+        same = teacher_dims[key] == in_dim
+        if projection == "identity" and not same:
+            raise ValueError(f"projection identity: the student's {in_dim}-d embedding cannot be "
+                             f"compared with the {teacher_dims[key]}-d teacher {key!r}; use linear")
+        heads[name] = nn.Identity() if same and projection != "linear" else nn.Linear(in_dim, teacher_dims[key])
+    return nn.ModuleDict(heads)
 
 
 def check_modalities(loss: str, modalities: Sequence[str]) -> tuple[str, ...]:

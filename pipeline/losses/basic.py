@@ -5,10 +5,10 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from pipeline.losses.base import (LOSSES, DistillBatch, DistillLoss, info_nce, row_kl,
-                                  student_scale, teacher_similarity_logits)
+from pipeline.losses.base import (LOSSES, DistillBatch, DistillLoss, info_nce, projection_heads,
+                                  row_kl, student_scale, teacher_similarity_logits)
 
 
 def _student_logits(batch: DistillBatch, max_logit_scale: float) -> Tensor:
@@ -45,7 +45,7 @@ class FeatureLoss(DistillLoss):
     METRICS = ("cosine", "mse")
 
     def __init__(self, student_dim: int, teacher_dims: Mapping[str, int], metric: str = "cosine",
-                 modalities: Sequence[str] = ("image", "text")) -> None:
+                 modalities: Sequence[str] = ("image", "text"), projection: str = "auto") -> None:
         super().__init__()
         if metric not in self.METRICS:
             raise ValueError(f"feature loss: metric {metric!r} is not one of {list(self.METRICS)}")
@@ -56,8 +56,8 @@ class FeatureLoss(DistillLoss):
         self.metric, self.modalities = metric, tuple(modalities)
         self.requires = frozenset(f"{m}_emb" for m in self.modalities)
         # A modality without a teacher dim has no cache field; build_objective reports that.
-        self.proj = nn.ModuleDict({m: nn.Linear(student_dim, teacher_dims[m])
-                                   for m in self.modalities if m in teacher_dims})
+        self.proj = projection_heads(student_dim, teacher_dims, {m: m for m in self.modalities},
+                                     projection)
 
     def _distance(self, projected: Tensor, teacher: Tensor) -> Tensor:
         if self.metric == "cosine":
@@ -73,9 +73,10 @@ class FeatureLoss(DistillLoss):
 
 @LOSSES.register("feature")
 def make_feature(student_dim: int, teacher_dims: Mapping[str, int], metric: str = "cosine",
-                 modalities: Sequence[str] = ("image", "text")) -> FeatureLoss:
-    """Embedding regression through a learnable Linear(student_dim, teacher_dim)."""
-    return FeatureLoss(student_dim, teacher_dims, metric, modalities)
+                 modalities: Sequence[str] = ("image", "text"), projection: str = "auto") -> FeatureLoss:
+    """Embedding regression onto the teacher's through a learnable Linear(student_dim,
+    teacher_dim), or directly where the dims agree (``projection``: auto | linear | identity)."""
+    return FeatureLoss(student_dim, teacher_dims, metric, modalities, projection)
 
 
 class SimilarityKL(DistillLoss):

@@ -21,11 +21,12 @@ class FDLoss(DistillLoss):
     """
 
     def __init__(self, student_dim: int, teacher_dims: Mapping[str, int],
-                 modalities: Sequence[str] = ("image", "text")) -> None:
+                 modalities: Sequence[str] = ("image", "text"), projection: str = "auto") -> None:
         super().__init__()
         self.modalities = check_modalities("fd", modalities)
         self.requires = frozenset(f"{m}_emb" for m in self.modalities)
-        self.proj = projection_heads(student_dim, teacher_dims, {m: m for m in self.modalities})
+        self.proj = projection_heads(student_dim, teacher_dims, {m: m for m in self.modalities},
+                                     projection)
 
     def forward(self, batch: DistillBatch) -> Tensor:
         pairs = {"image": (batch.image_emb, batch.teacher_image_emb),
@@ -37,9 +38,10 @@ class FDLoss(DistillLoss):
 
 @LOSSES.register("fd")
 def make_fd(student_dim: int, teacher_dims: Mapping[str, int],
-            modalities: Sequence[str] = ("image", "text")) -> FDLoss:
-    """CLIP-KD feature distillation: MSE between projected student and teacher embeddings."""
-    return FDLoss(student_dim, teacher_dims, modalities)
+            modalities: Sequence[str] = ("image", "text"), projection: str = "auto") -> FDLoss:
+    """CLIP-KD feature distillation: MSE between projected student and teacher embeddings
+    (``projection``: auto | linear | identity)."""
+    return FDLoss(student_dim, teacher_dims, modalities, projection)
 
 
 class ICLLoss(DistillLoss):
@@ -57,10 +59,12 @@ class ICLLoss(DistillLoss):
     cross_modal_teacher = True
 
     def __init__(self, student_dim: int, teacher_dims: Mapping[str, int],
-                 temperature: float | None = None, max_logit_scale: float = 100.0) -> None:
+                 temperature: float | None = None, max_logit_scale: float = 100.0,
+                 projection: str = "auto") -> None:
         super().__init__()
         self.temperature, self.max_logit_scale = temperature, max_logit_scale
-        self.proj = projection_heads(student_dim, teacher_dims, {"image": "image", "text": "text"})
+        self.proj = projection_heads(student_dim, teacher_dims, {"image": "image", "text": "text"},
+                                     projection)
 
     def forward(self, batch: DistillBatch) -> Tensor:
         scale = student_scale(batch, self.max_logit_scale, self.temperature)
@@ -74,9 +78,10 @@ class ICLLoss(DistillLoss):
 
 @LOSSES.register("icl")
 def make_icl(student_dim: int, teacher_dims: Mapping[str, int], temperature: float | None = None,
-             max_logit_scale: float = 100.0) -> ICLLoss:
-    """CLIP-KD interactive contrastive learning: student image vs teacher texts and vice versa."""
-    return ICLLoss(student_dim, teacher_dims, temperature, max_logit_scale)
+             max_logit_scale: float = 100.0, projection: str = "auto") -> ICLLoss:
+    """CLIP-KD interactive contrastive learning: student image vs teacher texts and vice versa
+    (``projection``: auto | linear | identity)."""
+    return ICLLoss(student_dim, teacher_dims, temperature, max_logit_scale, projection)
 
 
 @LOSSES.register("crd")

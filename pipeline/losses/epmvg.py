@@ -20,10 +20,11 @@ class EpmVGLoss(DistillLoss):
     requires = frozenset({"image_emb", "text_emb"})
 
     def __init__(self, student_dim: int, teacher_dims: Mapping[str, int],
-                 image_weight: float = 1.5, text_weight: float = 2.0) -> None:
+                 image_weight: float = 1.5, text_weight: float = 2.0, projection: str = "auto") -> None:
         super().__init__()
         self.image_weight, self.text_weight = image_weight, text_weight
-        self.proj = projection_heads(student_dim, teacher_dims, {"image": "image", "text": "text"})
+        self.proj = projection_heads(student_dim, teacher_dims, {"image": "image", "text": "text"},
+                                     projection)
 
     def forward(self, batch: DistillBatch) -> Tensor:
         image = 1 - F.cosine_similarity(self.proj["image"](batch.image_emb),
@@ -35,6 +36,7 @@ class EpmVGLoss(DistillLoss):
 
 @LOSSES.register("epmvg")
 def make_epmvg(student_dim: int, teacher_dims: Mapping[str, int], image_weight: float = 1.5,
-               text_weight: float = 2.0) -> EpmVGLoss:
-    """EpmVG cosine distillation of both towers to the CLIP teacher (weights 1.5 and 2)."""
-    return EpmVGLoss(student_dim, teacher_dims, image_weight, text_weight)
+               text_weight: float = 2.0, projection: str = "auto") -> EpmVGLoss:
+    """EpmVG cosine distillation of both towers to the CLIP teacher (weights 1.5 and 2;
+    ``projection``: auto | linear | identity)."""
+    return EpmVGLoss(student_dim, teacher_dims, image_weight, text_weight, projection)
