@@ -44,9 +44,9 @@ from views_ablation import align_on_views, teach_vision  # noqa: E402
 DATASETS = {"emoji": "params.yaml", "fashion": "benchmarks/fashion.yaml"}
 # Student sizes: EfficientNet-Lite0 blocks kept (None: all 16), image px, MiniLM layers kept.
 SIZES = {
-    "S": {"image_layers": [0, 1, 3, 5, 8, 11, 15], "image_size": 48, "text_layers": [5]},
-    "M": {"image_layers": [0, 1, 3, 5, 8, 11, 15], "image_size": 64, "text_layers": [0, 5]},
-    "L": {"image_layers": None, "image_size": 96, "text_layers": [0, 2, 5]},
+    "S": {"image_layers": [0, 1, 3, 5, 8, 11, 15], "image_size": 64, "text_layers": [5]},
+    "M": {"image_layers": [0, 1, 3, 5, 8, 11, 15], "image_size": 96, "text_layers": [0, 5]},
+    "L": {"image_layers": None, "image_size": 112, "text_layers": [0, 2, 4, 5]},
 }
 COMMON = ["train.neighbors=null", "train.itm_scores=null", "train.single_stream_teacher=null",
           "evaluate.teacher=null", "evaluate.measure_memory=false", "train.student=timm_hf"]
