@@ -11,7 +11,8 @@ the unit. The runner does the rest, once for every stage:
    undamaged (the format's cheap checks pass): a stage is never paid for twice;
 3. otherwise create the stores in the scratch directory (only the driver creates metadata) and
    hand every unit not yet marked done to the executor (:mod:`stages.executors`: in-process or
-   Dask). A unit is computed, written as whole shards into the staging store, synced to disk,
+   Dask). A unit is computed, written as whole shards into the staging store, its own files
+   fsynced to disk (no global sync),
    and only then marked done by the driver, so a killed run (worker or driver) resumes from the
    done markers and never trusts a half-written unit;
 4. finalise (no row left unwritten; the stage's final attributes; ``complete``) and publish the
@@ -39,7 +40,8 @@ from pipeline.progress import progress_task
 from pipeline.scratch import (ScratchRun, creating, discard_scratch, disk_full_errors,
                               recover_replaced)
 from pipeline.stores import StoreSpec
-from pipeline.stores.base import open_store, schema_name_of, validate_attrs, write_unit
+from pipeline.stores.base import (open_store, schema_name_of, sync_files, unit_files, validate_attrs,
+                                  write_unit)
 from stages.lock import output_lock
 
 log = logging.getLogger(__name__)
@@ -224,9 +226,12 @@ def execute_unit(work: UnitWork, unit: Unit, scratch_dir: str | Path) -> dict[st
     scratch_dir = Path(scratch_dir)
     (scratch_dir / "attempts" / f"{unit.key}.{os.getpid()}.{time.time_ns()}").touch()
     arrays, info = work.compute(unit)
-    group = open_store(scratch_dir / "staging" / unit.store, writable=True)
+    store = scratch_dir / "staging" / unit.store
+    group = open_store(store, writable=True)
     write_unit(group, unit.start, unit.stop, arrays)
-    os.sync()  # the unit's shard files reach the disk before its done marker does
+    # the unit's own shard files (and their directories) reach the disk before its done marker
+    # does; nothing else is flushed (a global sync would flush every other job's dirty pages)
+    sync_files(unit_files(store, group, unit.start, list(arrays)), store)
     return info
 
 

@@ -117,6 +117,41 @@ def write_unit(group: zarr.Group, start: int, stop: int, arrays: dict[str, np.nd
         arr[start:stop] = values
 
 
+def unit_files(path: Path, group: zarr.Group, start: int, names: list[str]) -> list[Path]:
+    """The shard files that hold rows starting at ``start`` (one whole shard, as
+    :func:`write_unit` writes) of arrays ``names`` of the local store at ``path``."""
+    files = []
+    for name in names:
+        arr = group[name]
+        rows = arr.shards[0] if arr.shards else arr.chunks[0]
+        coords = (start // rows,) + (0,) * (arr.ndim - 1)  # a shard spans every other dimension
+        files.append(Path(path) / name / arr.metadata.encode_chunk_key(coords))
+    return files
+
+
+def sync_files(files: list[Path], root: Path) -> None:
+    """fsync ``files`` and every directory from each one's parent up to ``root``: the files'
+    data and their directory entries (zarr writes a shard by a rename, possibly into a new
+    directory) are on the disk when this returns, and nothing else is flushed."""
+    from pipeline.scratch import fsync_dir
+
+    root, dirs = Path(root), set()
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        parent = file.parent
+        while parent not in dirs:
+            dirs.add(parent)
+            if parent == root or root not in parent.parents:
+                break
+            parent = parent.parent
+    for directory in sorted(dirs, key=lambda d: len(d.parts), reverse=True):  # deepest first
+        fsync_dir(directory)
+
+
 def check_fingerprint(what: str, path: Path, expected: str | None, found: str, hint: str) -> None:
     """Refuse a store whose ``what`` fingerprint is not ``expected`` (None: no expectation),
     printing both."""
