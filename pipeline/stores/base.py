@@ -247,9 +247,14 @@ def shard_file_faults(path: Path, group: zarr.Group) -> list[str]:
 def expected_arrays(attrs: dict[str, Any]) -> dict[str, tuple[str, tuple[int | None, ...]]]:
     """Array name -> (dtype, shape; None where the attributes do not fix it), from the schema's
     ``arrays`` section and the store's attributes (modalities, row counts, width, k)."""
+    from pipeline.stores.encoding import array_dtype, store_dtype_of
+
     out: dict[str, tuple[str, tuple[int | None, ...]]] = {}
+    stored = store_dtype_of(attrs)  # embeddings: float16, or bfloat16 bits, or int8 codes + scales
     for name, spec in load_schema(schema_name_of(attrs)).get("arrays", {}).items():
         if spec.get("modality") and spec["modality"] not in attrs.get("modalities", []):
+            continue
+        if spec.get("store_dtype", stored) != stored:  # e.g. the scales of int8 codes
             continue
         rows = attrs.get(spec["rows"]) if "rows" in spec else None
         width = attrs.get("k", attrs.get("embed_dim"))
@@ -259,7 +264,9 @@ def expected_arrays(attrs: dict[str, Any]) -> dict[str, tuple[str, tuple[int | N
             shape = (rows, width)[:spec.get("ndim", 1)]
         names = ([name.format(direction=d) for d in attrs.get("directions", [])]
                  if "{direction}" in name else [name])
-        out.update({n: (spec["dtype"], shape) for n in names})
+        dtype = array_dtype(stored) if spec.get("encoded") and stored in ("bfloat16", "int8") \
+            else spec["dtype"]
+        out.update({n: (dtype, shape) for n in names})
     return out
 
 

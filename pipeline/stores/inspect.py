@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zarr
@@ -99,7 +99,8 @@ def verify_cache(path: str | Path, deep: bool = True, expect_dataset: str | None
     report.add("shard files", shard_file_faults(path, group) + _temporaries(path))
     for name, arr in sorted(group.arrays()):
         if deep or name.endswith("_status"):
-            report.add(f"{name} ({len(_shard_starts(arr))} shards read)", _verify_array(name, arr))
+            report.add(f"{name} ({len(_shard_starts(arr))} shards read)",
+                       _verify_array(name, arr, _decoder(group, name, attrs)))
     for direction in attrs.get("directions", []) if deep else []:
         report.add(f"{direction} neighbour rows", _topk_faults(group, direction))
     if deep and "image_view" in group and "image_status" in group:
@@ -130,19 +131,46 @@ def _shard_starts(arr: zarr.Array) -> range:
     return range(0, arr.shape[0], step)
 
 
-def _verify_array(name: str, arr: zarr.Array) -> list[str]:
-    """Read ``arr`` shard by shard (so a damaged shard is named) and check its values."""
+Decoder = Callable[[int, int, np.ndarray], tuple[np.ndarray, list[str]]]
+
+
+def _decoder(group: zarr.Group, name: str, attrs: dict[str, Any]) -> Decoder | None:
+    """For the embeddings of a bfloat16 or int8 teacher store: rows decoded as readers get them
+    (so fill values and damaged scales read as non-finite), and for int8 the faults of the
+    codes and scales themselves (:func:`pipeline.stores.encoding.int8_row_faults`)."""
+    from pipeline.stores.encoding import decode, has_scale, int8_row_faults, scale_name, store_dtype_of
+
+    stored = store_dtype_of(attrs)
+    if not name.endswith("_emb") or stored == "float16":
+        return None
+    status = group[name.replace("_emb", "_status")] if name.replace("_emb", "_status") in group else None
+
+    def decoded(start: int, stop: int, codes: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        if not has_scale(stored):
+            return decode(codes, stored), []
+        scale = np.asarray(group[scale_name(name)][start:stop])  # unreadable: its own pass names it
+        valid = np.ones(stop - start, bool) if status is None else status[start:stop] == ROW_VALID
+        return decode(codes, stored, scale), int8_row_faults(codes, scale, valid, name, start)
+    return decoded
+
+
+def _verify_array(name: str, arr: zarr.Array, decoder: Decoder | None = None) -> list[str]:
+    """Read ``arr`` shard by shard (so a damaged shard is named) and check its values
+    (``decoder``: encoded embeddings, checked as decoded rows and as codes)."""
     faults = []
     starts = _shard_starts(arr)
     for start in starts:
         stop = min(start + starts.step, arr.shape[0])
         try:
-            values = arr[start:stop]
+            values = np.asarray(arr[start:stop])
+            if decoder is not None:
+                values, code_faults = decoder(start, stop, values)
+                faults += code_faults
         except Exception as exc:  # checksum mismatch, truncated shard, undecodable chunk
             faults.append(f"{name} rows [{start}, {stop}): unreadable ({type(exc).__name__}: {exc}); "
                           "the shard file is damaged")
             continue
-        faults += _value_faults(name, start, stop, np.asarray(values))
+        faults += _value_faults(name, start, stop, values)
     return faults
 
 

@@ -42,7 +42,9 @@ from pipeline.progress import note
 from pipeline.stores import StoreSpec
 from pipeline.stores import teacher as teacher_format
 from pipeline.stores.base import (ROW_VALID, Kind, Layout)
-from pipeline.stores.teacher import TeacherCache, published_attrs, teacher_store_attrs, unit_rows
+from pipeline.stores.encoding import StoreDtype
+from pipeline.stores.teacher import (TeacherCache, encoded_columns, published_attrs,
+                                     teacher_store_attrs, unit_rows)
 from pipeline.teachers.aligned import (MAX_LOGIT_SCALE, AlignHeads, aligned_fingerprint,
                                        heads_sha256, save_heads)
 from pipeline.views import ViewSpec
@@ -80,6 +82,7 @@ class AlignConfig:
     heads_dir: str = "models/align"         # heads go to <heads_dir>/<name>/
     rows_per_shard: int = setting(16384, minimum=1)  # rows per Zarr shard of the written stores
     rows_per_chunk: int = setting(256, minimum=1)
+    store_dtype: StoreDtype = "float16"     # of the aligned stores: float16 | bfloat16 | int8
     summary_dir: str = "reports/align"      # <summary_dir>/<name>.json: training curve, scale, counts
     executor: ExecutorName = "inprocess"    # inprocess | dask (writing units as Dask tasks)
     dask: DaskConfig = field(default_factory=DaskConfig)
@@ -279,6 +282,7 @@ class AlignWork:
     sources: dict[str, tuple[str, str]]     # split -> (vision store, text store)
     heads_args: dict[str, Any]
     heads_state: dict[str, np.ndarray]
+    store_dtype: str = "float16"
 
     def _heads(self) -> AlignHeads:
         heads = AlignHeads(**self.heads_args)
@@ -298,7 +302,9 @@ class AlignWork:
             emb = (heads.image if kind == "image" else heads.caption)(flat)
             emb = emb.reshape(*feat.shape[:-1], emb.shape[-1])
         emb[~valid] = 0.0  # invalid rows hold zeros, as `teach` writes them
-        arrays[f"{kind}_emb"] = emb.numpy().astype(np.float16)  # ids, status, views as they are
+        values = emb.numpy()  # ids, status, views as they are
+        arrays.update(encoded_columns(f"{kind}_emb", values.astype(np.float16) if self.store_dtype
+                                      == "float16" else values, self.store_dtype))
         return arrays, {"forward_calls": 0}
 
 
@@ -312,6 +318,7 @@ def plan_align(cfg: AlignConfig, pairs: dict[str, SourcePair], heads: AlignHeads
         attrs = teacher_store_attrs(teacher_fp, pair.dataset_fingerprint, split,
                                     frozenset({"image", "text"}), cfg.embed_dim, spec["logit_scale"],
                                     pair.n_images, pair.n_texts, layout, views=pair.views,
+                                    store_dtype=cfg.store_dtype,
                                     compute={"device": "cpu", "torch": torch.__version__, "autocast": "none"},
                                     on_bad_image="skip")
         stores[f"{split}.zarr"] = StoreSpec(teacher_format.FORMAT, attrs, dict(
@@ -321,9 +328,10 @@ def plan_align(cfg: AlignConfig, pairs: dict[str, SourcePair], heads: AlignHeads
         units += shard_units(split, "text", pair.n_texts, cfg.rows_per_shard)
     run_fp = fingerprint({"teacher": teacher_fp, "layout": [cfg.rows_per_shard, cfg.rows_per_chunk],
                           "datasets": {s: p.dataset_fingerprint for s, p in pairs.items()},
-                          "package": __version__})
+                          "package": __version__, "store_dtype": cfg.store_dtype})
     work = AlignWork({s: (str(p.vision.resolve()), str(p.text.resolve())) for s, p in pairs.items()},
-                     heads.args, {k: v.detach().numpy().copy() for k, v in heads.state_dict().items()})
+                     heads.args, {k: v.detach().numpy().copy() for k, v in heads.state_dict().items()},
+                     cfg.store_dtype)
     return StoreJob(f"align {cfg.name}", Path(cfg.cache_root).resolve() / cfg.name, run_fp, stores,
                     units, work)
 
