@@ -152,12 +152,18 @@ def creating(path: Path) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+def scratch_dir(out: Path, scratch_root: Path | None = None) -> Path:
+    """The scratch directory of output ``out`` (``<out parent>/.scratch/<out name>``)."""
+    out = Path(out)
+    return (Path(scratch_root) if scratch_root else out.parent / ".scratch") / out.name
+
+
 class ScratchRun:
     """Scratch space for producing ``out``; see the module docstring."""
 
     def __init__(self, out: Path, run_fingerprint: str, scratch_root: Path | None = None) -> None:
         self.out = Path(out)
-        self.dir = (Path(scratch_root) if scratch_root else self.out.parent / ".scratch") / self.out.name
+        self.dir = scratch_dir(self.out, scratch_root)
         self.staging = self.dir / "staging"
         self.done_dir = self.dir / "done"
         self.run_fingerprint = run_fingerprint

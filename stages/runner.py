@@ -83,6 +83,9 @@ class StoreJob:
     # final root attributes of one store from the infos of its units (e.g. the skipped samples)
     final_attrs: Callable[[str, list[dict[str, Any]]], dict[str, Any]] = lambda store, infos: {}
     meta: dict[str, Any] = field(default_factory=dict)  # what the stage's summary reports
+    # run on the driver once the scratch directory is open, before any unit (it gets that
+    # directory): work every unit shares, e.g. an index built once per run (kept on resume)
+    setup: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -135,8 +138,9 @@ def current_attrs(job: StoreJob) -> dict[str, dict[str, Any]] | None:
             return None
         group = open_store(store)
         attrs = dict(group.attrs)
-        if not attrs.get("complete") or any(attrs.get(k) != spec.attrs.get(k)
-                                            for k in spec.format.current_keys):
+        fmt = spec.format
+        if not attrs.get("complete") or any(fmt.current_value(attrs, k) != fmt.current_value(spec.attrs, k)
+                                            for k in fmt.current_keys):
             return None
         faults = spec.format.published_faults(store, group)
         if faults:
@@ -160,6 +164,8 @@ def _compute_and_publish(job: StoreJob, executor: Any, progress: bool | None) ->
                 result.infos[unit.key] = scratch.done_info(unit.key)
             else:
                 pending.append(unit)
+        if job.setup is not None:
+            job.setup(scratch.dir)
         total = sum(u.rows for u in job.units)
         with progress_task(job.label, total, progress) as advance:
             advance(sum(u.rows for u in job.units if u.key in result.infos))
