@@ -38,8 +38,9 @@ import numpy as np
 from pipeline.errors import CacheError
 from pipeline.progress import progress_task
 from pipeline.scratch import (ScratchRun, creating, discard_scratch, disk_full_errors,
-                              recover_replaced)
+                              recover_replaced, scratch_dir)
 from pipeline.stores import StoreSpec
+from pipeline.stores.location import is_remote
 from pipeline.stores.base import (open_store, schema_name_of, sync_files, unit_files, validate_attrs,
                                   write_unit)
 from stages.lock import output_lock
@@ -119,7 +120,8 @@ def run_store_stage(out: Path, command: str, plan: Callable[[], StoreJob], execu
     :class:`stages.executors.DaskExecutor`). ``command`` names the stage in lock messages.
     """
     with output_lock(out, command):
-        recover_replaced(out)
+        if not is_remote(out):
+            recover_replaced(out)
         job = plan()
         kept = current_attrs(job)
         if kept is not None:
@@ -152,7 +154,7 @@ def current_attrs(job: StoreJob) -> dict[str, dict[str, Any]] | None:
 
 def _compute_and_publish(job: StoreJob, executor: Any, progress: bool | None) -> RunResult:
     result = RunResult(False)
-    with disk_full_errors(job.out, job.out.parent / ".scratch" / job.out.name):
+    with disk_full_errors(job.out, scratch_dir(job.out)):
         scratch = ScratchRun(job.out, job.fingerprint)
         attempts_dir = scratch.dir / "attempts"
         shutil.rmtree(attempts_dir, ignore_errors=True)  # count this run's computations only

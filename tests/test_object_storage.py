@@ -134,3 +134,64 @@ def test_truncated_and_missing_objects_are_errors_naming_the_url(shards, tmp_pat
         with pytest.raises(ShardError, match=r"s3://wds/part-000002.tar not found"):
             prepare(PrepareConfig(source="webdataset", src="s3://wds/part-000002.tar",
                                   out=str(tmp_path / "data4"), split="none"), progress=False)
+
+
+# ----------------------------------------------------------------------------- caches in S3
+
+
+def test_caches_are_written_to_and_read_from_an_s3_root(make_dataset, tmp_path, monkeypatch):
+    import fsspec
+
+    from pipeline.errors import CacheError
+    from pipeline.stores.inspect import cache_info, verify_cache
+    from pipeline.stores.neighbors import open_neighbors
+    from stages.neighbors.run import NeighborsConfig, run_neighbors
+
+    monkeypatch.chdir(tmp_path)  # a remote output's lock and scratch live under .remote/ here
+    root = make_dataset(n_train=12, n_test=4)
+    cfg = TeachConfig(dataset=str(root), splits=("train",), out_root=str(tmp_path / "local"),
+                      rows_per_shard=8, rows_per_chunk=4, summary_dir=str(tmp_path / "reports"))
+    run_teach(cfg, "tiny", entry=TINY, progress=False)
+    local = tmp_path / "local/tiny/train.zarr"
+    nn = dict(teacher="tiny", k=3, rows_per_shard=8)
+    run_neighbors(NeighborsConfig(cache_root=str(tmp_path / "local"), out_root=str(tmp_path / "nn"), **nn),
+                  "tiny", progress=False)
+    with s3_server():
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("team")
+        remote_cfg = TeachConfig(**{**cfg.__dict__, "out_root": "s3://team/caches"})
+        assert not run_teach(remote_cfg, "tiny", entry=TINY, progress=False)["up_to_date"]
+        url = "s3://team/caches/tiny/train.zarr"
+        assert fs.exists("team/caches/tiny/train.zarr/zarr.json")
+        assert not list((tmp_path / ".remote").rglob("*.zarr"))  # the scratch work is gone
+        for lazy in (False, True):
+            eager_local, remote = TeacherCache.open(local), TeacherCache.open(url, lazy=lazy)
+            np.testing.assert_array_equal(np.asarray(remote.image_emb[:]), eager_local.image_emb.astype(
+                np.float16 if lazy else np.float32))
+            np.testing.assert_array_equal(np.asarray(remote.text_ids[:]), eager_local.text_ids.astype(object))
+        assert arrays(url).keys() == arrays(local).keys()
+        assert verify_cache(url).ok and cache_info(url)["files"] == cache_info(local)["files"]
+        assert run_teach(remote_cfg, "tiny", entry=TINY, progress=False)["up_to_date"]  # current: kept
+        from pipeline.training.targets import TargetSources, open_targets
+
+        targets = open_targets([url], load_manifest(root / "train"), TargetSources((url,)))  # training
+        np.testing.assert_array_equal(targets.text_emb[np.array([5, 0])], TeacherCache.open(
+            local, lazy=True).text_emb[np.array([5, 0])])
+        # neighbours read their teacher store from S3 and are written there: the local lists
+        run_neighbors(NeighborsConfig(cache_root="s3://team/caches", out_root="s3://team/nn", **nn),
+                      "tiny", progress=False)
+        got, want = open_neighbors("s3://team/nn/tiny/train.zarr"), open_neighbors(tmp_path / "nn/tiny/train.zarr")
+        for name in ("i2t_topk_idx", "t2t_topk_sim"):
+            np.testing.assert_array_equal(got[name], want[name])
+        # the same checks as on local disk: a lost object and a cut one are named
+        fs.rm_file("team/caches/tiny/train.zarr/image_emb/c/1/0")
+        with pytest.raises(CacheError, match=r"s3://team/caches/tiny/train.zarr: .*shard file image_emb/c/1/0 is missing"):
+            TeacherCache.open(url)
+        assert any("image_emb/c/1/0 is missing" in f for f in verify_cache(url).faults)
+        assert not run_teach(remote_cfg, "tiny", entry=TINY, progress=False)["up_to_date"]  # rebuilt
+        shard = fs.cat_file("team/caches/tiny/train.zarr/text_emb/c/2/0")
+        fs.pipe("team/caches/tiny/train.zarr/text_emb/c/2/0", shard[: len(shard) // 2])
+        lazy = TeacherCache.open(url, lazy=True, verify=False)
+        with pytest.raises(CacheError, match=r"s3://team/caches/tiny/train.zarr: array text_emb rows \[16, 20\)"):
+            lazy.text_emb[np.array([17])]
+        assert any("text_emb rows [16, 24): unreadable" in f for f in verify_cache(url).faults)

@@ -230,16 +230,20 @@ def shard_keys(arr: zarr.Array) -> list[str]:
 
 
 def shard_file_faults(path: Path, group: zarr.Group) -> list[str]:
-    """Shard files that are missing or empty: Zarr reads both back as fill values, silently."""
+    """Shard files that are missing or empty: Zarr reads both back as fill values, silently.
+    (A store in object storage is listed once, not asked about each file.)"""
+    from pipeline.stores.location import RemotePath
+
+    sizes = path.files() if isinstance(path, RemotePath) else None
     faults = []
     for name, arr in sorted(group.arrays()):
         for key in shard_keys(arr):
             try:
-                empty = (path / name / key).stat().st_size == 0
-            except FileNotFoundError:
+                size = (path / name / key).stat().st_size if sizes is None else sizes[f"{name}/{key}"]
+            except (FileNotFoundError, KeyError):
                 faults.append(f"{name}: shard file {name}/{key} is missing")
                 continue
-            if empty:
+            if size == 0:
                 faults.append(f"{name}: shard file {name}/{key} is empty")
     return faults
 
@@ -360,7 +364,12 @@ def raise_faults(path: Path, faults: list[str]) -> None:
 
 def store_nbytes(path: Path) -> int:
     """Bytes on disk under ``path``."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    from pipeline.stores.location import RemotePath, location
+
+    path = location(path)
+    if isinstance(path, RemotePath):
+        return sum(path.files().values())
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def base_attrs(schema: str, version: int = 1) -> dict[str, Any]:

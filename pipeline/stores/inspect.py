@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 
 from pipeline.errors import CacheError
+from pipeline.stores.location import RemotePath, location
 from pipeline.stores.base import (ROW_INVALID, ROW_MISSING, ROW_VALID, attribute_faults,
                                   check_schema_id, fingerprint_faults, layout_faults, read_strings,
                                   schema_name_of, shard_file_faults, store_nbytes, validate_attrs)
@@ -34,7 +35,7 @@ def _open(path: Path) -> zarr.Group:
 
 def cache_info(path: str | Path) -> dict[str, Any]:
     """Arrays (shape, dtype, chunk and shard shape), attributes, size on disk and row counts."""
-    path = Path(path)
+    path = location(path)
     group = _open(path)
     arrays = {
         name: {"shape": list(arr.shape), "dtype": str(arr.dtype),
@@ -43,7 +44,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     }
     info: dict[str, Any] = {"path": str(path), "attrs": dict(group.attrs), "arrays": arrays,
                             "bytes_on_disk": store_nbytes(path),
-                            "files": sum(1 for p in path.rglob("*") if p.is_file())}
+                            "files": _file_count(path)}
     if "teacher_fingerprint" in info["attrs"] and "image_id" in group:
         info["views"] = int(info["attrs"].get("views", 1))  # teacher embeddings per image
     for kind in ("image", "text"):
@@ -81,7 +82,7 @@ def verify_cache(path: str | Path, deep: bool = True, expect_dataset: str | None
     ``deep`` reads every shard of every array (checksums); without it only the row status arrays
     are read. ``expect_dataset`` / ``expect_teacher``: fingerprints the store must carry.
     """
-    path = Path(path)
+    path = location(path)
     report = VerifyReport(path)
     try:
         group = _open(path)
@@ -118,6 +119,12 @@ def _expectation_faults(attrs: dict[str, Any], dataset: str | None, teacher: str
         if expected is not None and attrs.get(key) != expected:
             faults.append(f"{what} fingerprint mismatch: expected {expected}, found {attrs.get(key)}")
     return faults
+
+
+def _file_count(path: Any) -> int:
+    if isinstance(path, RemotePath):
+        return len(path.files())
+    return sum(1 for p in path.rglob("*") if p.is_file())
 
 
 def _temporaries(path: Path) -> list[str]:

@@ -25,6 +25,7 @@ from pipeline.stores import StoreFormat, structure_then_rows
 from pipeline.stores.base import (Layout, base_attrs, check_fingerprint, create_array,
                                   open_group_checked, raise_faults, read_array, structure_faults,
                                   validate_attrs)
+from pipeline.stores.location import location
 from pipeline.stores.rows import DEFAULT_CACHE_BYTES, RowReader, paired_blocks
 
 SCHEMA_NAME = "neighbors.v1"
@@ -102,7 +103,7 @@ def open_neighbors(path: str | Path, expect_teacher: str | None = None,
     arrays are :class:`~pipeline.stores.rows.RowReader` views (rows read on demand); the same checks
     run over the store block by block, so memory stays bounded.
     """
-    path = Path(path)
+    path = location(path)
     group = open_group_checked(path, SCHEMA_NAME)
     attrs = dict(group.attrs)
     hint = "rebuild it with `distill neighbors` (or `dvc repro`) from the cache you use"

@@ -43,7 +43,9 @@ class RowReader:
     def __init__(self, path: str | Path, name: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  check: ChunkCheck | None = None, convert: Callable[[np.ndarray], np.ndarray] | None = None,
                  stored: str = "float16") -> None:
-        self.path, self.name = Path(path), name
+        from pipeline.stores.location import location
+
+        self.path, self.name = location(path), name
         self.cache_bytes, self.check, self.convert = cache_bytes, check, convert
         self.stored = stored  # an embedding array's store dtype: bfloat16/int8 rows decode to float32
         arr = self._array()

@@ -27,6 +27,7 @@ from pipeline.stores.base import (ROW_INVALID, ROW_MISSING, ROW_VALID, Kind, Lay
                                   unwritten_rows, validate_attrs, write_unit)
 from pipeline.stores.encoding import (array_dtype, decode, encode, fill_value, has_scale,
                                       scale_name, store_dtype_of)
+from pipeline.stores.location import location
 from pipeline.stores.rows import DEFAULT_CACHE_BYTES, RowReader, ViewRows
 
 SCHEMA_NAME = "teacher-cache.v1"
@@ -155,7 +156,7 @@ class TeacherCache:
         first read (a damaged chunk is then a :class:`CacheError` naming the store, array and
         rows, possibly mid-run: for stores whose copy DVC has just checked).
         """
-        path = Path(path)
+        path = location(path)
         group = open_group_checked(path, teacher_schema_at(path))
         attrs = dict(group.attrs)
         hint = "rebuild it with `distill teach` (or `dvc repro`), or point to the right cache"
@@ -348,7 +349,7 @@ def write_cache_from_arrays(
     (schema v2): ``image_emb`` is ``[N, V, D]``, ``image_view`` ``[N, V, 5]`` and ``views`` the
     :class:`~pipeline.views.ViewSpec` that drew them.
     """
-    path = Path(path)
+    path = location(path)
     modalities = frozenset(k for k, e in (("image", image_emb), ("text", text_emb)) if e is not None)
     embed_dim = next(e.shape[-1] for e in (image_emb, text_emb) if e is not None)
     n_img, n_txt = len(image_ids), len(text_ids)

@@ -43,6 +43,7 @@ from pipeline.stores import StoreSpec
 from pipeline.stores import teacher as teacher_format
 from pipeline.stores.base import (ROW_VALID, Kind, Layout)
 from pipeline.stores.encoding import StoreDtype
+from pipeline.stores.location import location, store_root
 from pipeline.stores.teacher import (encoded_columns, published_attrs,
                                      teacher_store_attrs, unit_rows)
 from pipeline.teachers.aligned import (MAX_LOGIT_SCALE, AlignHeads, aligned_fingerprint,
@@ -133,7 +134,7 @@ def _source_attrs(path: Path, need: Kind, role: str) -> dict[str, Any]:
 def source_pairs(cfg: AlignConfig) -> dict[str, SourcePair]:
     """Every split with a store of both source teachers, checked against each other: the same
     dataset (fingerprints), rows and modalities. The train split must be among them."""
-    root = Path(cfg.cache_root)
+    root = location(cfg.cache_root)
     vision_splits = {p.name.removesuffix(".zarr") for p in (root / cfg.vision).glob("*.zarr")}
     text_splits = {p.name.removesuffix(".zarr") for p in (root / cfg.text).glob("*.zarr")}
     if cfg.train_split not in vision_splits & text_splits:
@@ -464,7 +465,7 @@ def plan_align(cfg: AlignConfig, pairs: dict[str, SourcePair], heads: AlignHeads
     work = AlignWork({s: (str(p.vision.resolve()), str(p.text.resolve())) for s, p in pairs.items()},
                      heads.args, {k: v.detach().numpy().copy() for k, v in heads.state_dict().items()},
                      cfg.store_dtype)
-    return StoreJob(f"align {cfg.name}", Path(cfg.cache_root).resolve() / cfg.name, run_fp, stores,
+    return StoreJob(f"align {cfg.name}", store_root(cfg.cache_root) / cfg.name, run_fp, stores,
                     units, work)
 
 
@@ -478,7 +479,7 @@ def run_align(cfg: AlignConfig, entries: dict[str, Any] | None = None,
     """
     t0 = time.perf_counter()
     check_executor(cfg.executor, cfg.dask, "align")
-    out = Path(cfg.cache_root) / cfg.name
+    out = location(cfg.cache_root) / cfg.name
     # one lock over training, the heads and the stores: a concurrent run on this output is
     # refused before it trains (the store runner takes the same lock again)
     with output_lock(out, f"`distill align {cfg.name}`"):

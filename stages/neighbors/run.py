@@ -30,6 +30,7 @@ from pipeline.fingerprint import fingerprint
 from pipeline.stores import StoreSpec
 from pipeline.stores import neighbors as neighbors_format
 from pipeline.stores.base import Layout
+from pipeline.stores.location import location, store_root
 from pipeline.stores.teacher import TeacherCache
 from stages.executors import DaskConfig, ExecutorName, check_executor, open_executor
 from stages.runner import StoreJob, Unit, run_store_stage, shard_units
@@ -182,7 +183,7 @@ class NeighborsWork:
 
     def compute(self, unit: Unit) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         path, teacher_fp, dataset_fp = self.sources[unit.split]
-        cache = open_cache_once(Path(path), teacher_fp, dataset_fp)
+        cache = open_cache_once(location(path), teacher_fp, dataset_fp)
         index = None
         if self.cfg.method == "ivf":
             key_kind = DIRECTIONS[unit.part][1]
@@ -210,7 +211,7 @@ class IvfSetup:
         index_dir = Path(self.work.index_dir)
         index_dir.mkdir(parents=True, exist_ok=True)
         for split, directions in self.plan.items():
-            cache = open_cache_once(Path(self.work.sources[split][0]), *self.work.sources[split][1:])
+            cache = open_cache_once(location(self.work.sources[split][0]), *self.work.sources[split][1:])
             for kind in sorted({DIRECTIONS[d][1] for d in directions}):
                 path = index_dir / f"{split}-{kind}.faiss"
                 if not path.exists():
@@ -263,8 +264,8 @@ def plan_neighbors(cfg: NeighborsConfig, name: str) -> StoreJob:
     """The neighbours job: one store per split, units per direction and shard of query rows."""
     from pipeline.scratch import scratch_dir
 
-    root = Path(cfg.cache_root).resolve() / name
-    out = Path(cfg.out_root).resolve() / name
+    root = store_root(cfg.cache_root) / name
+    out = store_root(cfg.out_root) / name
     caches = {s: TeacherCache.open(root / f"{s}.zarr", lazy=True, verify=False) for s in cfg.splits}
     plan = {s: supported_directions(cfg, c) for s, c in caches.items()}
     layout = Layout(cfg.rows_per_shard, min(256, cfg.rows_per_shard))
@@ -301,7 +302,7 @@ def run_neighbors(cfg: NeighborsConfig, name: str, progress: bool | None = None)
     check_executor(cfg.executor, cfg.dask, "neighbors")
     device = search_device(cfg)  # refused before any work when absent
     with open_executor(cfg.executor, cfg.dask, "neighbors") as executor:
-        job, result = run_store_stage(Path(cfg.out_root) / name, f"`distill neighbors {name}`",
+        job, result = run_store_stage(location(cfg.out_root) / name, f"`distill neighbors {name}`",
                                       lambda: plan_neighbors(cfg, name), executor, progress)
     summary = {"teacher": name, "k": cfg.k, "method": cfg.method, "device": device,
                "directions": job.meta["directions"], "up_to_date": result.up_to_date,

@@ -37,6 +37,7 @@ from pipeline.stores import StoreSpec
 from pipeline.stores import teacher as teacher_format
 from pipeline.stores.base import ROW_INVALID, ROW_VALID, Layout
 from pipeline.stores.encoding import StoreDtype
+from pipeline.stores.location import location, store_root
 from pipeline.stores.teacher import encoded_columns, teacher_store_attrs
 from pipeline.views import VIEW_FIELDS, ViewSpec, apply_view, view_params
 from stages.executors import DaskConfig, ExecutorName, check_executor, open_executor
@@ -403,7 +404,7 @@ def plan_teach(cfg: TeachConfig, name: str, source: TeacherRef | LiveTeacher, ex
         **({"store_dtype": cfg.store_dtype} if cfg.store_dtype != "float16" else {}),
     })
 
-    job = StoreJob(f"teach {name}", Path(cfg.out_root).resolve() / name, run_fp, stores, units,
+    job = StoreJob(f"teach {name}", store_root(cfg.out_root) / name, run_fp, stores, units,
                    TeachWork(cfg, manifests, source), skipped_attrs)
     job.meta.update(teacher=info, manifests=manifests)  # for the summary
     return job
@@ -421,7 +422,7 @@ def run_teach(cfg: TeachConfig, name: str, teacher: Any = None, progress: bool |
     t0 = time.perf_counter()
     check_executor(cfg.executor, cfg.dask, "teach")
     source = teacher_source(cfg, teacher, entry)
-    out = Path(cfg.out_root) / name
+    out = location(cfg.out_root) / name
     with open_executor(cfg.executor, cfg.dask, "teach") as executor, torch_threads(cfg.threads):
         job, result = run_store_stage(out, f"`distill teach {name}`",
                                       lambda: plan_teach(cfg, name, source, executor), executor, progress)
