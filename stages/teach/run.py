@@ -434,7 +434,7 @@ def _summary(cfg: TeachConfig, name: str, job: StoreJob, result: RunResult,
     skipped = skipped_by_split(job, result)
     summary = {
         "teacher": name, "teacher_fingerprint": fingerprint(job.meta["teacher"]["fingerprint"]),
-        "up_to_date": result.up_to_date, "executor": cfg.executor,
+        "up_to_date": result.up_to_date, "executor": cfg.executor, "store_dtype": cfg.store_dtype,
         # threads of the teacher forward: in this process, or each Dask worker's (None: torch's default)
         "torch_threads": cfg.dask.torch_threads if cfg.executor == "dask" else cfg.threads or torch.get_num_threads(),
         "forward_calls": sum(result.infos[k].get("forward_calls", 0) for k in result.computed),
