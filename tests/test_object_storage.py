@@ -40,6 +40,19 @@ def shards(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def local(shards, tmp_path_factory):
+    """``split`` -> (dataset, stores) prepared and taught from the local shards (once per mode)."""
+    made: dict[str, tuple[Path, dict]] = {}
+
+    def get(split: str) -> tuple[Path, dict]:
+        if split not in made:
+            made[split] = prepared_and_taught(tmp_path_factory.mktemp(f"local-{split}"), "local",
+                                              str(shards), split)
+        return made[split]
+    return get
+
+
 def arrays(store: Path | str) -> dict[str, np.ndarray]:
     group = zarr.open_group(str(store), mode="r")
     return {name: np.asarray(group[name][:]) for name in sorted(group.array_keys())}
@@ -71,25 +84,24 @@ def remote_pattern(base: str) -> str:
 
 
 @pytest.mark.parametrize("split", ["none", "hash"])
-def test_http_shards_give_the_stores_of_local_files(shards, tmp_path, split):
-    _, local = prepared_and_taught(tmp_path, "local", str(shards), split)
+def test_http_shards_give_the_stores_of_local_files(shards, local, tmp_path, split):
+    local_data, local_stores = local(split)
     with http_server(shards) as base:
         data, remote = prepared_and_taught(tmp_path, "http", remote_pattern(base), split)
         if split == "none":  # the manifest lists the URLs with their version tags (ETag)
             manifest = load_manifest(data / "train")
             assert all(s.source.startswith(base) and s.version.startswith("ETag=") for s in manifest.shards)
-    assert_same_stores(local, remote)
+    assert_same_stores(local_stores, remote)
     if split == "hash":  # the shards were copied: the very same datasets
-        for s in local:
-            assert load_manifest(tmp_path / "local/data" / s).fingerprint == load_manifest(
-                tmp_path / "http/data" / s).fingerprint
+        for s in local_stores:
+            assert load_manifest(local_data / s).fingerprint == load_manifest(data / s).fingerprint
 
 
 @pytest.mark.parametrize("split", ["none", "hash"])
-def test_s3_shards_give_the_stores_of_local_files(shards, tmp_path, split):
+def test_s3_shards_give_the_stores_of_local_files(shards, local, tmp_path, split):
     import fsspec
 
-    _, local = prepared_and_taught(tmp_path, "local", str(shards), split)
+    _, local_stores = local(split)
     with s3_server():
         fs = fsspec.filesystem("s3")
         fs.mkdir("wds")
@@ -99,7 +111,7 @@ def test_s3_shards_give_the_stores_of_local_files(shards, tmp_path, split):
         if split == "none":
             assert [s.source for s in load_manifest(data / "train").shards] == [
                 f"s3://wds/laion/part-{i:06d}.tar" for i in range(N_SHARDS)]
-    assert_same_stores(local, remote)
+    assert_same_stores(local_stores, remote)
 
 
 def test_truncated_and_missing_objects_are_errors_naming_the_url(shards, tmp_path):
