@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("--train-rows", type=int, default=65536)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_ivf"))
+    p.add_argument("--write-only", action="store_true", help="write the store, measure nothing")
     args = p.parse_args()
 
     import torch
@@ -90,6 +91,8 @@ def main() -> None:
         t0 = time.perf_counter()
         write_clustered_store(store, args.rows, args.dim, args.clusters)
         print(f"wrote {store} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    if args.write_only:
+        return
     cache = TeacherCache.open(store, lazy=True, verify=False)
     rows = np.sort(np.random.default_rng(1).choice(args.rows, args.queries, replace=False))
     queries = np.asarray(cache.text_emb[rows], dtype=np.float32)

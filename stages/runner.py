@@ -12,9 +12,8 @@ the unit. The runner does the rest, once for every stage:
 3. otherwise create the stores in the scratch directory (only the driver creates metadata) and
    hand every unit not yet marked done to the executor (:mod:`stages.executors`: in-process or
    Dask). A unit is computed, written as whole shards into the staging store, its own files
-   fsynced to disk (no global sync),
-   and only then marked done by the driver, so a killed run (worker or driver) resumes from the
-   done markers and never trusts a half-written unit;
+   fsynced to disk (no global sync), and only then marked done by the driver, so a killed run
+   (worker or driver) resumes from the done markers and never trusts a half-written unit;
 4. finalise (no row left unwritten; the stage's final attributes; ``complete``) and publish the
    stores into the output by renames.
 
@@ -40,9 +39,9 @@ from pipeline.progress import progress_task
 from pipeline.scratch import (ScratchRun, creating, discard_scratch, disk_full_errors,
                               recover_replaced, scratch_dir)
 from pipeline.stores import StoreSpec
-from pipeline.stores.location import is_remote
 from pipeline.stores.base import (open_store, schema_name_of, sync_files, unit_files, validate_attrs,
                                   write_unit)
+from pipeline.stores.location import is_remote
 from stages.lock import output_lock
 
 log = logging.getLogger(__name__)
