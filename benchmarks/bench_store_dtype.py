@@ -12,7 +12,8 @@ and ÷ the raw float32 bytes of the same values, the aligned teacher's own test 
 its test store) and the student's test RSUM. ``--dataset`` is a prepared demo dataset
 (``distill prepare``; default ``data/emoji``). ``--float16-caches DIR``: the float16 run copies
 the two source teachers' stores from ``DIR`` (a finished ``make demo``'s ``caches``) instead of
-teaching them again (float16 is the stores' format as ``teach`` has always written them).
+teaching them again (float16 is the stores' format as ``teach`` has always written them); so
+does a run without the ``teach`` step (then only the aligned stores have the run's dtype).
 """
 from __future__ import annotations
 
@@ -71,6 +72,14 @@ def embedding_bytes(store: Path) -> tuple[int, int, int]:
     return on_disk, raw, int(group.attrs["n_images"])
 
 
+def code_bytes(store: Path) -> int:
+    """Bytes of the embedding codes and scales before compression."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r")
+    return sum(int(group[a].nbytes) for a in group.array_keys() if "_emb" in a)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "int8"])
@@ -92,7 +101,7 @@ def main() -> None:
         path.write_text(yaml.safe_dump(params, sort_keys=False))
         seconds = {}
         name, vision, text = params["align"]["name"], params["align"]["vision"], params["align"]["text"]
-        if "teach" in args.steps and dtype == "float16" and args.float16_caches:
+        if args.float16_caches and (dtype == "float16" or "teach" not in args.steps):
             import shutil
 
             for teacher in (vision, text):
@@ -109,11 +118,15 @@ def main() -> None:
         loads.append(os.getloadavg()[0])
         sizes = {}
         for teacher in (vision, text, name):
-            on_disk = raw = samples = 0
+            on_disk = raw = samples = codes = 0
             for split in params["teach"]["splits"]:
                 d, r, n = embedding_bytes(root / "caches" / teacher / f"{split}.zarr")
                 on_disk, raw, samples = on_disk + d, raw + r, samples + n
-            sizes[teacher] = {"bytes_per_sample": on_disk / samples, "ratio_to_float32": on_disk / raw}
+                codes += code_bytes(root / "caches" / teacher / f"{split}.zarr")
+            sizes[teacher] = {"bytes_per_sample": on_disk / samples, "ratio_to_float32": on_disk / raw,
+                              "uncompressed_ratio_to_float32": codes / raw,
+                              "store_dtype": TeacherCache.open(root / "caches" / teacher / "test.zarr",
+                                                               lazy=True).store_dtype}
         test = TeacherCache.open(root / "caches" / name / "test.zarr")
         teacher_rsum = retrieval_metrics(test.image_emb, test.text_emb, test.text_to_image)["rsum"]
         metrics_file = Path(params["evaluate"]["metrics_path"])
