@@ -109,16 +109,15 @@ def remove_temporaries(root: Path) -> list[Path]:
     return found
 
 
-def discard_scratch(out: Path, scratch_root: Path | None = None) -> bool:
+def discard_scratch(out: Any, scratch_root: Path | None = None) -> bool:
     """Delete the scratch directory of ``out`` if one is left (e.g. by a run killed after it
     published); returns whether there was one."""
-    out = Path(out)
-    root = Path(scratch_root) if scratch_root else out.parent / ".scratch"
-    if not (root / out.name).exists():
+    where = scratch_dir(out, scratch_root)
+    if not where.exists():
         return False
-    shutil.rmtree(root / out.name)
-    if root.exists() and not any(root.iterdir()):
-        root.rmdir()
+    shutil.rmtree(where)
+    if where.parent.exists() and not any(where.parent.iterdir()):
+        where.parent.rmdir()
     return True
 
 
@@ -152,12 +151,23 @@ def creating(path: Path) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+def scratch_dir(out: Any, scratch_root: Path | None = None) -> Path:
+    """The scratch directory of output ``out`` (``<out parent>/.scratch/<out name>``; an output
+    in object storage: beside its local stand-in, :func:`pipeline.stores.location.local_shadow`)."""
+    from pipeline.stores.location import is_remote, local_shadow, location
+
+    out = local_shadow(location(out)) if is_remote(out) else Path(out)
+    return (Path(scratch_root) if scratch_root else out.parent / ".scratch") / out.name
+
+
 class ScratchRun:
     """Scratch space for producing ``out``; see the module docstring."""
 
-    def __init__(self, out: Path, run_fingerprint: str, scratch_root: Path | None = None) -> None:
-        self.out = Path(out)
-        self.dir = (Path(scratch_root) if scratch_root else self.out.parent / ".scratch") / self.out.name
+    def __init__(self, out: Any, run_fingerprint: str, scratch_root: Path | None = None) -> None:
+        from pipeline.stores.location import location
+
+        self.out = location(out)
+        self.dir = scratch_dir(self.out, scratch_root)
         self.staging = self.dir / "staging"
         self.done_dir = self.dir / "done"
         self.run_fingerprint = run_fingerprint
@@ -199,10 +209,18 @@ class ScratchRun:
 
     def publish(self) -> None:
         """Move ``staging`` to ``out`` by renames; an existing ``out`` is replaced only then.
-        Temporary files of interrupted writes are removed from ``staging`` first."""
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        Temporary files of interrupted writes are removed from ``staging`` first. An output in
+        object storage gets each store uploaded, its root ``zarr.json`` last
+        (:func:`pipeline.stores.location.upload_store`)."""
+        from pipeline.stores.location import RemotePath, upload_store
+
         remove_temporaries(self.staging)
-        replace_dir(self.staging, self.out)
+        if isinstance(self.out, RemotePath):
+            for store in sorted(p for p in self.staging.iterdir() if p.is_dir()):
+                upload_store(store, self.out / store.name)
+        else:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            replace_dir(self.staging, self.out)
         shutil.rmtree(self.dir)
         scratch_parent = self.dir.parent
         if scratch_parent.exists() and not any(scratch_parent.iterdir()):

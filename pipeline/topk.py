@@ -83,22 +83,25 @@ def _block_sims(
     q: torch.Tensor, kb: torch.Tensor, q0: int, k0: int,
     invalid: torch.Tensor | None, exclude_self: bool,
 ) -> torch.Tensor:
-    """Similarities of one query block to one key block, excluded pairs set to -inf."""
+    """Similarities of one query block to one key block, excluded pairs set to -inf
+    (``invalid``: the key block's own mask)."""
     sim = q @ kb.T
     if invalid is not None:
-        sim.masked_fill_(invalid[k0:k0 + kb.shape[0]], float("-inf"))
+        sim.masked_fill_(invalid, float("-inf"))
     if exclude_self:
         lo, hi = max(q0, k0), min(q0 + q.shape[0], k0 + kb.shape[0])
         if lo < hi:
-            rows = torch.arange(lo, hi)
+            rows = torch.arange(lo, hi, device=sim.device)
             sim[rows - q0, rows - k0] = float("-inf")
     return sim
 
 
-def _candidates(best: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
-    """Bool mask of block entries that may enter the running top-k ``best`` [b,k]."""
+def _candidates(best: torch.Tensor, sim: torch.Tensor, ties_win: bool = False) -> torch.Tensor:
+    """Bool mask of block entries that may enter the running top-k ``best`` [b,k] (``ties_win``:
+    the block's keys may have lower indices than those in ``best``, so an equal one can win)."""
     kth_best = _unpack(best[:, -1:])[1]  # -inf where fewer than k entries so far
-    cand = sim > kth_best  # also drops excluded (-inf) pairs
+    cand = (sim >= kth_best) & (sim > float("-inf")) if ties_win else sim > kth_best
+    # (both drop excluded (-inf) pairs)
     if not bool(torch.isfinite(kth_best).all()):
         # rows still filling up: bound by the block's own k-th value, or every entry would pass
         k = min(best.shape[1], sim.shape[1])
@@ -107,15 +110,15 @@ def _candidates(best: torch.Tensor, sim: torch.Tensor) -> torch.Tensor:
     return cand
 
 
-def _merge(best: torch.Tensor, sim: torch.Tensor, k0: int) -> torch.Tensor:
+def _merge(best: torch.Tensor, sim: torch.Tensor, k0: int, ties_win: bool = False) -> torch.Tensor:
     """Running packed top-k [b,k] merged with the similarities [b,m] of keys k0..k0+m."""
-    rows, cols = _candidates(best, sim).nonzero(as_tuple=True)
+    rows, cols = _candidates(best, sim, ties_win).nonzero(as_tuple=True)
     if rows.numel() == 0:
         return best
     # lay each row's candidates out left-aligned in a [b, max count] sentinel-padded matrix
     counts = torch.bincount(rows, minlength=sim.shape[0])
-    slot = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts)[rows]
-    padded = torch.full((sim.shape[0], int(counts.max())), _SENTINEL, dtype=torch.int64)
+    slot = torch.arange(rows.numel(), device=sim.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    padded = torch.full((sim.shape[0], int(counts.max())), _SENTINEL, dtype=torch.int64, device=sim.device)
     padded[rows, slot] = _pack(sim[rows, cols], cols + k0)
     merged = torch.cat([best, padded], dim=1)
     return torch.topk(merged, best.shape[1], dim=1, sorted=True).values
@@ -126,10 +129,19 @@ def _topk_rows(
     invalid: torch.Tensor | None, exclude_self: bool,
 ) -> torch.Tensor:
     """Packed top-k [b,k] (best first) of one query block over all key blocks in index order."""
-    best = torch.full((q.shape[0], k), _SENTINEL, dtype=torch.int64)
-    for k0 in range(0, keys.shape[0], block_keys):
-        sim = _block_sims(q, keys[k0:k0 + block_keys], q0, k0, invalid, exclude_self)
-        best = _merge(best, sim, k0)
+    best = torch.full((q.shape[0], k), _SENTINEL, dtype=torch.int64, device=q.device)
+    return _merge_keys(best, q, keys, q0, 0, block_keys, invalid, exclude_self)
+
+
+def _merge_keys(best: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, q0: int, k0: int,
+                block_keys: int, invalid: torch.Tensor | None, exclude_self: bool,
+                ties_win: bool = False) -> torch.Tensor:
+    """``best`` merged with keys ``k0..`` (``keys``, ``invalid`` its mask), ``block_keys`` at a
+    time (``ties_win``: ``best`` may hold keys of higher index than these)."""
+    for j in range(0, keys.shape[0], block_keys):
+        kb = keys[j:j + block_keys]
+        mask = None if invalid is None else invalid[j:j + block_keys]
+        best = _merge(best, _block_sims(q, kb, q0, k0 + j, mask, exclude_self), k0 + j, ties_win)
     return best
 
 
@@ -203,6 +215,76 @@ def _torch_topk(q_all: torch.Tensor, key_t: torch.Tensor, k: int, block_rows: in
         idx[q0:q0 + best.shape[0]] = torch.where(found, b_idx, -1).numpy()
         sim[q0:q0 + best.shape[0]] = b_sim.numpy()
     return idx, sim
+
+
+# ----------------------------------------------------------------------------- keys in blocks
+
+
+class StreamingTopK:
+    """Exact top-k of a fixed set of queries over keys that arrive block by block (a store read
+    a block at a time, never whole): :func:`blocked_topk`'s result, in memory bounded by the
+    queries, one key block and the running top-k.
+
+    Every block is searched by the chosen backend as :func:`blocked_topk` searches the whole
+    key set (faiss: exact top-k of the block with the tie order restored; torch: packed running
+    top-k, on ``device``), and the blocks' winners are merged by the same packed order, higher
+    similarity first, then the lower key index. So the result does not depend on how the keys
+    are cut into blocks, nor on the order of the blocks, and equals the whole-array search
+    wherever each pair's float32 similarity does (the same backend on the same query blocks).
+
+    ``device``: ``cpu`` (faiss where installed, as ``backend: auto``), or a CUDA device: the
+    torch backend runs there (matmul blocks and the packed merge on the GPU).
+    """
+
+    def __init__(self, queries: np.ndarray, k: int, *, backend: Backend = "auto", device: str = "cpu",
+                 block_rows: int = 4096, block_keys: int = 4096) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if backend not in ("auto", "faiss", "torch"):
+            raise ValueError(f"unknown top-k backend {backend!r}; known: ['auto', 'faiss', 'torch']")
+        self.device = torch.device(device)
+        if backend == "faiss" and (_faiss() is None or self.device.type != "cpu"):
+            raise ValueError("top-k backend 'faiss' needs the faiss-cpu package and device cpu")
+        self.backend = "faiss" if backend != "torch" and self.device.type == "cpu" and \
+            _faiss() is not None else "torch"
+        self.q = _as_f32("queries", queries)
+        self.k, self.block_rows, self.block_keys = k, block_rows, block_keys
+        self._q_dev = self.q.to(self.device) if self.backend == "torch" else None
+        self.best = torch.full((self.q.shape[0], k), _SENTINEL, dtype=torch.int64, device=self.device)
+        self._next_key = 0  # blocks in index order: an equal similarity never wins (cheaper merge)
+
+    def add(self, keys: np.ndarray, start: int, key_valid: np.ndarray | None = None) -> None:
+        """Merge keys ``start .. start + len(keys)`` (``key_valid``: False for keys never to be
+        returned). Each key must be added once; blocks may come in any order."""
+        kb = _as_f32("keys", keys)
+        if kb.shape[1] != self.q.shape[1]:
+            raise ValueError(f"dimension mismatch: queries D={self.q.shape[1]}, keys D={kb.shape[1]}")
+        if start + kb.shape[0] >= _MAX_KEYS:
+            raise ValueError(f"at most {_MAX_KEYS - 1} keys are supported")
+        invalid = None
+        if key_valid is not None and not np.asarray(key_valid, bool).all():
+            invalid = torch.from_numpy(~np.asarray(key_valid, dtype=bool))
+        if self.backend == "faiss":
+            idx, sim = _faiss_topk(self.q.numpy(), kb.numpy(), self.k, self.block_rows, invalid, False)
+            index = torch.from_numpy(idx).long() + start
+            packed = torch.where(index >= start, _pack(torch.from_numpy(sim), index), _SENTINEL)
+            self.best = torch.topk(torch.cat([self.best, packed], dim=1), self.k, dim=1).values
+            return
+        kb = kb.to(self.device)
+        invalid = None if invalid is None else invalid.to(self.device)
+        ties_win = start < self._next_key
+        self._next_key = max(self._next_key, start + kb.shape[0])
+        for q0 in range(0, self.q.shape[0], self.block_rows):
+            rows = slice(q0, q0 + self.block_rows)
+            self.best[rows] = _merge_keys(self.best[rows], self._q_dev[rows], kb, q0, start,
+                                          self.block_keys, invalid, False, ties_win)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(idx int32 [Nq, k], sim float32 [Nq, k]), best first; -1 and -inf where fewer than k
+        keys were allowed."""
+        index, sim = _unpack(self.best)
+        index = torch.where(torch.isfinite(sim), index, -1)
+        return index.to(torch.int32).cpu().numpy(), sim.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- faiss backend

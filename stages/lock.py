@@ -73,10 +73,18 @@ class Holder:
                 f"(command: {self.command or '?'})")
 
 
-def lock_path(out: str | Path) -> Path:
-    """The lock file of output ``out``: ``<parent>/.<name>.lock``."""
-    out = Path(out)
+def lock_path(out: Any) -> Path:
+    """The lock file of output ``out``: ``<parent>/.<name>.lock`` (an output in object storage:
+    beside its local stand-in, :func:`pipeline.stores.location.local_shadow`)."""
+    out = _local(out)
     return out.parent / f".{out.name}.lock"
+
+
+def _local(out: Any) -> Path:
+    """The local path of an output (a remote one's local stand-in)."""
+    from pipeline.stores.location import is_remote, local_shadow, location
+
+    return local_shadow(location(out)) if is_remote(out) else Path(out)
 
 
 @contextmanager
@@ -104,7 +112,7 @@ def output_lock(out: str | Path, what: str = "run") -> Iterator[Path]:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = _acquire(path, Path(out), what)
+        fd = _acquire(path, _local(out), what)
     except OSError as exc:
         if exc.errno not in DISK_FULL_ERRNOS:
             raise

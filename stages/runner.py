@@ -11,9 +11,9 @@ the unit. The runner does the rest, once for every stage:
    undamaged (the format's cheap checks pass): a stage is never paid for twice;
 3. otherwise create the stores in the scratch directory (only the driver creates metadata) and
    hand every unit not yet marked done to the executor (:mod:`stages.executors`: in-process or
-   Dask). A unit is computed, written as whole shards into the staging store, synced to disk,
-   and only then marked done by the driver, so a killed run (worker or driver) resumes from the
-   done markers and never trusts a half-written unit;
+   Dask). A unit is computed, written as whole shards into the staging store, its own files
+   fsynced to disk (no global sync), and only then marked done by the driver, so a killed run
+   (worker or driver) resumes from the done markers and never trusts a half-written unit;
 4. finalise (no row left unwritten; the stage's final attributes; ``complete``) and publish the
    stores into the output by renames.
 
@@ -37,9 +37,11 @@ import numpy as np
 from pipeline.errors import CacheError
 from pipeline.progress import progress_task
 from pipeline.scratch import (ScratchRun, creating, discard_scratch, disk_full_errors,
-                              recover_replaced)
+                              recover_replaced, scratch_dir)
 from pipeline.stores import StoreSpec
-from pipeline.stores.base import open_store, schema_name_of, validate_attrs, write_unit
+from pipeline.stores.base import (open_store, schema_name_of, sync_files, unit_files, validate_attrs,
+                                  write_unit)
+from pipeline.stores.location import is_remote
 from stages.lock import output_lock
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,9 @@ class StoreJob:
     # final root attributes of one store from the infos of its units (e.g. the skipped samples)
     final_attrs: Callable[[str, list[dict[str, Any]]], dict[str, Any]] = lambda store, infos: {}
     meta: dict[str, Any] = field(default_factory=dict)  # what the stage's summary reports
+    # run on the driver once the scratch directory is open, before any unit (it gets that
+    # directory): work every unit shares, e.g. an index built once per run (kept on resume)
+    setup: Callable[[Path], None] | None = None
 
 
 @dataclass
@@ -114,7 +119,8 @@ def run_store_stage(out: Path, command: str, plan: Callable[[], StoreJob], execu
     :class:`stages.executors.DaskExecutor`). ``command`` names the stage in lock messages.
     """
     with output_lock(out, command):
-        recover_replaced(out)
+        if not is_remote(out):
+            recover_replaced(out)
         job = plan()
         kept = current_attrs(job)
         if kept is not None:
@@ -133,8 +139,9 @@ def current_attrs(job: StoreJob) -> dict[str, dict[str, Any]] | None:
             return None
         group = open_store(store)
         attrs = dict(group.attrs)
-        if not attrs.get("complete") or any(attrs.get(k) != spec.attrs.get(k)
-                                            for k in spec.format.current_keys):
+        fmt = spec.format
+        if not attrs.get("complete") or any(fmt.current_value(attrs, k) != fmt.current_value(spec.attrs, k)
+                                            for k in fmt.current_keys):
             return None
         faults = spec.format.published_faults(store, group)
         if faults:
@@ -146,7 +153,7 @@ def current_attrs(job: StoreJob) -> dict[str, dict[str, Any]] | None:
 
 def _compute_and_publish(job: StoreJob, executor: Any, progress: bool | None) -> RunResult:
     result = RunResult(False)
-    with disk_full_errors(job.out, job.out.parent / ".scratch" / job.out.name):
+    with disk_full_errors(job.out, scratch_dir(job.out)):
         scratch = ScratchRun(job.out, job.fingerprint)
         attempts_dir = scratch.dir / "attempts"
         shutil.rmtree(attempts_dir, ignore_errors=True)  # count this run's computations only
@@ -158,6 +165,8 @@ def _compute_and_publish(job: StoreJob, executor: Any, progress: bool | None) ->
                 result.infos[unit.key] = scratch.done_info(unit.key)
             else:
                 pending.append(unit)
+        if job.setup is not None:
+            job.setup(scratch.dir)
         total = sum(u.rows for u in job.units)
         with progress_task(job.label, total, progress) as advance:
             advance(sum(u.rows for u in job.units if u.key in result.infos))
@@ -224,9 +233,12 @@ def execute_unit(work: UnitWork, unit: Unit, scratch_dir: str | Path) -> dict[st
     scratch_dir = Path(scratch_dir)
     (scratch_dir / "attempts" / f"{unit.key}.{os.getpid()}.{time.time_ns()}").touch()
     arrays, info = work.compute(unit)
-    group = open_store(scratch_dir / "staging" / unit.store, writable=True)
+    store = scratch_dir / "staging" / unit.store
+    group = open_store(store, writable=True)
     write_unit(group, unit.start, unit.stop, arrays)
-    os.sync()  # the unit's shard files reach the disk before its done marker does
+    # the unit's own shard files (and their directories) reach the disk before its done marker
+    # does; nothing else is flushed (a global sync would flush every other job's dirty pages)
+    sync_files(unit_files(store, group, unit.start, list(arrays)), store)
     return info
 
 

@@ -147,6 +147,23 @@ def kill_first_attempt(scratch: Path, part: str, killed: list[tuple[str, int]]) 
     return thread
 
 
+def test_ivf_index_is_built_once_and_shared_by_dask_workers(tmp_path, on_cluster):
+    from stages.neighbors.run import IvfConfig
+    from tests.test_teach import random_cache
+
+    random_cache(tmp_path / "caches/syn/train.zarr", n_img=60, captions=2, dim=8)
+    digests, recalls = {}, {}
+    for mode in ("inprocess", "dask"):
+        nn = NeighborsConfig(teacher="syn", k=4, cache_root=str(tmp_path / "caches"), out_root=str(tmp_path / mode),
+                             rows_per_shard=16, method="ivf", ivf=IvfConfig(nlist=4, nprobe=2, train_rows=40),
+                             recall_queries=30)
+        summary = run_neighbors(dask(nn, on_cluster) if mode == "dask" else nn, "syn", progress=False)
+        assert summary["executor"] == mode and summary["units_computed"] == 4 + 8 + 4 + 8
+        digests[mode], recalls[mode] = tree_digest(tmp_path / mode / "syn"), summary["recall"]
+    # the workers searched the index the driver built (kept in the scratch directory): the same bytes
+    assert digests["dask"] == digests["inprocess"] and recalls["dask"] == recalls["inprocess"]
+
+
 def test_worker_killed_mid_unit_costs_that_unit_only(make_dataset, tmp_path, on_cluster):
     root = make_dataset(n_train=24, n_test=8)
     with torch_threads(1):

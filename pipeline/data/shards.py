@@ -38,6 +38,7 @@ import posixpath
 import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -265,6 +266,18 @@ def _open_tar(location: Path | str, shard: str, by_id: bool = False) -> tarfile.
     return tar
 
 
+@contextmanager
+def _naming(location: Path | str, shard: str) -> Iterator[None]:
+    """A shard error of a source other than a local file names the source too (a URL or
+    command): its name alone does not say which object was truncated or missing."""
+    try:
+        yield
+    except ShardError as exc:
+        if isinstance(location, Path) or str(location) in str(exc):
+            raise
+        raise ShardError(f"{exc} [source: {location}]") from None
+
+
 def _finish_stream(tar: tarfile.TarFile, shard: str, expect: ShardInfo | None) -> tuple[int, str] | None:
     """After a whole pass over a streamed shard: its ``(size, sha256)``, checked against the
     manifest entry ``expect`` when given (None for local files, which are checked by ``stat``)."""
@@ -293,7 +306,7 @@ def _name_of(location: Path | str) -> str:
 def _scan(location: Path | str, shard: str) -> tuple[int, int, int, str]:
     """``(n_samples, n_texts, size, sha256)`` of one shard, its structure validated."""
     n_samples = n_texts = 0
-    with _open_tar(location, shard) as tar:
+    with _naming(location, shard), _open_tar(location, shard) as tar:
         for key, group in _iter_groups(tar, shard):
             _image_ext(shard, key, group)
             captions, _ = _text_fields(tar, group, shard, key)
@@ -313,7 +326,7 @@ def iter_raw(path: Path | str, shard: str | None = None) -> Iterator[tuple[str, 
     local path or any source (:meth:`Manifest.location` gives a manifest shard's).
     """
     shard = shard or _name_of(path)
-    with _open_tar(path, shard) as tar:
+    with _naming(path, shard), _open_tar(path, shard) as tar:
         for key, group in _iter_groups(tar, shard):
             _image_ext(shard, key, group)
             _text_fields(tar, group, shard, key)
@@ -359,7 +372,7 @@ def _iter_shard(location: Path | str, info: ShardInfo, offset: int, lo: int, hi:
     (and, after a whole pass over a streamed shard, its size and sha256)."""
     shard = info.name
     row, n_texts = offset, 0
-    with _open_tar(location, shard) as tar:
+    with _naming(location, shard), _open_tar(location, shard) as tar:
         for key, group in _iter_groups(tar, shard):
             if row >= hi:
                 return  # later rows are not wanted; the count check below needs the whole shard

@@ -12,7 +12,7 @@ and :mod:`~pipeline.stores.inspect` (``distill cache info|verify``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +30,12 @@ class StoreFormat:
     create: Callable[..., zarr.Group]   # create(path, attrs, **dims): an empty store
     published_faults: Callable[[Path, zarr.Group], list[str]]  # cheap damage checks of a kept store
     unwritten_faults: Callable[[zarr.Group], list[str]]        # rows no unit wrote (finalise check)
+    # is-current keys a store written before they existed lacks, and the value that absence means
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def current_value(self, attrs: dict[str, Any], key: str) -> Any:
+        """Is-current key ``key`` of a store's attributes (its default where absent)."""
+        return attrs.get(key, self.defaults.get(key))
 
 
 @dataclass(frozen=True)

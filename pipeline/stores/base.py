@@ -117,6 +117,41 @@ def write_unit(group: zarr.Group, start: int, stop: int, arrays: dict[str, np.nd
         arr[start:stop] = values
 
 
+def unit_files(path: Path, group: zarr.Group, start: int, names: list[str]) -> list[Path]:
+    """The shard files that hold rows starting at ``start`` (one whole shard, as
+    :func:`write_unit` writes) of arrays ``names`` of the local store at ``path``."""
+    files = []
+    for name in names:
+        arr = group[name]
+        rows = arr.shards[0] if arr.shards else arr.chunks[0]
+        coords = (start // rows,) + (0,) * (arr.ndim - 1)  # a shard spans every other dimension
+        files.append(Path(path) / name / arr.metadata.encode_chunk_key(coords))
+    return files
+
+
+def sync_files(files: list[Path], root: Path) -> None:
+    """fsync ``files`` and every directory from each one's parent up to ``root``: the files'
+    data and their directory entries (zarr writes a shard by a rename, possibly into a new
+    directory) are on the disk when this returns, and nothing else is flushed."""
+    from pipeline.scratch import fsync_dir
+
+    root, dirs = Path(root), set()
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        parent = file.parent
+        while parent not in dirs:
+            dirs.add(parent)
+            if parent == root or root not in parent.parents:
+                break
+            parent = parent.parent
+    for directory in sorted(dirs, key=lambda d: len(d.parts), reverse=True):  # deepest first
+        fsync_dir(directory)
+
+
 def check_fingerprint(what: str, path: Path, expected: str | None, found: str, hint: str) -> None:
     """Refuse a store whose ``what`` fingerprint is not ``expected`` (None: no expectation),
     printing both."""
@@ -195,16 +230,20 @@ def shard_keys(arr: zarr.Array) -> list[str]:
 
 
 def shard_file_faults(path: Path, group: zarr.Group) -> list[str]:
-    """Shard files that are missing or empty: Zarr reads both back as fill values, silently."""
+    """Shard files that are missing or empty: Zarr reads both back as fill values, silently.
+    (A store in object storage is listed once, not asked about each file.)"""
+    from pipeline.stores.location import RemotePath
+
+    sizes = path.files() if isinstance(path, RemotePath) else None
     faults = []
     for name, arr in sorted(group.arrays()):
         for key in shard_keys(arr):
             try:
-                empty = (path / name / key).stat().st_size == 0
-            except FileNotFoundError:
+                size = (path / name / key).stat().st_size if sizes is None else sizes[f"{name}/{key}"]
+            except (FileNotFoundError, KeyError):
                 faults.append(f"{name}: shard file {name}/{key} is missing")
                 continue
-            if empty:
+            if size == 0:
                 faults.append(f"{name}: shard file {name}/{key} is empty")
     return faults
 
@@ -212,9 +251,14 @@ def shard_file_faults(path: Path, group: zarr.Group) -> list[str]:
 def expected_arrays(attrs: dict[str, Any]) -> dict[str, tuple[str, tuple[int | None, ...]]]:
     """Array name -> (dtype, shape; None where the attributes do not fix it), from the schema's
     ``arrays`` section and the store's attributes (modalities, row counts, width, k)."""
+    from pipeline.stores.encoding import array_dtype, store_dtype_of
+
     out: dict[str, tuple[str, tuple[int | None, ...]]] = {}
+    stored = store_dtype_of(attrs)  # embeddings: float16, or bfloat16 bits, or int8 codes + scales
     for name, spec in load_schema(schema_name_of(attrs)).get("arrays", {}).items():
         if spec.get("modality") and spec["modality"] not in attrs.get("modalities", []):
+            continue
+        if spec.get("store_dtype", stored) != stored:  # e.g. the scales of int8 codes
             continue
         rows = attrs.get(spec["rows"]) if "rows" in spec else None
         width = attrs.get("k", attrs.get("embed_dim"))
@@ -224,7 +268,9 @@ def expected_arrays(attrs: dict[str, Any]) -> dict[str, tuple[str, tuple[int | N
             shape = (rows, width)[:spec.get("ndim", 1)]
         names = ([name.format(direction=d) for d in attrs.get("directions", [])]
                  if "{direction}" in name else [name])
-        out.update({n: (spec["dtype"], shape) for n in names})
+        dtype = array_dtype(stored) if spec.get("encoded") and stored in ("bfloat16", "int8") \
+            else spec["dtype"]
+        out.update({n: (dtype, shape) for n in names})
     return out
 
 
@@ -318,7 +364,12 @@ def raise_faults(path: Path, faults: list[str]) -> None:
 
 def store_nbytes(path: Path) -> int:
     """Bytes on disk under ``path``."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    from pipeline.stores.location import RemotePath, location
+
+    path = location(path)
+    if isinstance(path, RemotePath):
+        return sum(path.files().values())
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def base_attrs(schema: str, version: int = 1) -> dict[str, Any]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zarr
 
 from pipeline.errors import CacheError
+from pipeline.stores.location import RemotePath, location
 from pipeline.stores.base import (ROW_INVALID, ROW_MISSING, ROW_VALID, attribute_faults,
                                   check_schema_id, fingerprint_faults, layout_faults, read_strings,
                                   schema_name_of, shard_file_faults, store_nbytes, validate_attrs)
@@ -34,7 +35,7 @@ def _open(path: Path) -> zarr.Group:
 
 def cache_info(path: str | Path) -> dict[str, Any]:
     """Arrays (shape, dtype, chunk and shard shape), attributes, size on disk and row counts."""
-    path = Path(path)
+    path = location(path)
     group = _open(path)
     arrays = {
         name: {"shape": list(arr.shape), "dtype": str(arr.dtype),
@@ -43,7 +44,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     }
     info: dict[str, Any] = {"path": str(path), "attrs": dict(group.attrs), "arrays": arrays,
                             "bytes_on_disk": store_nbytes(path),
-                            "files": sum(1 for p in path.rglob("*") if p.is_file())}
+                            "files": _file_count(path)}
     if "teacher_fingerprint" in info["attrs"] and "image_id" in group:
         info["views"] = int(info["attrs"].get("views", 1))  # teacher embeddings per image
     for kind in ("image", "text"):
@@ -81,7 +82,7 @@ def verify_cache(path: str | Path, deep: bool = True, expect_dataset: str | None
     ``deep`` reads every shard of every array (checksums); without it only the row status arrays
     are read. ``expect_dataset`` / ``expect_teacher``: fingerprints the store must carry.
     """
-    path = Path(path)
+    path = location(path)
     report = VerifyReport(path)
     try:
         group = _open(path)
@@ -99,7 +100,8 @@ def verify_cache(path: str | Path, deep: bool = True, expect_dataset: str | None
     report.add("shard files", shard_file_faults(path, group) + _temporaries(path))
     for name, arr in sorted(group.arrays()):
         if deep or name.endswith("_status"):
-            report.add(f"{name} ({len(_shard_starts(arr))} shards read)", _verify_array(name, arr))
+            report.add(f"{name} ({len(_shard_starts(arr))} shards read)",
+                       _verify_array(name, arr, _decoder(group, name, attrs)))
     for direction in attrs.get("directions", []) if deep else []:
         report.add(f"{direction} neighbour rows", _topk_faults(group, direction))
     if deep and "image_view" in group and "image_status" in group:
@@ -119,6 +121,12 @@ def _expectation_faults(attrs: dict[str, Any], dataset: str | None, teacher: str
     return faults
 
 
+def _file_count(path: Any) -> int:
+    if isinstance(path, RemotePath):
+        return len(path.files())
+    return sum(1 for p in path.rglob("*") if p.is_file())
+
+
 def _temporaries(path: Path) -> list[str]:
     """Files an interrupted write leaves behind; a published store never holds any."""
     left = [p for p in path.rglob("*.partial")] + [p for p in path.rglob(".*.creating")]
@@ -130,19 +138,46 @@ def _shard_starts(arr: zarr.Array) -> range:
     return range(0, arr.shape[0], step)
 
 
-def _verify_array(name: str, arr: zarr.Array) -> list[str]:
-    """Read ``arr`` shard by shard (so a damaged shard is named) and check its values."""
+Decoder = Callable[[int, int, np.ndarray], tuple[np.ndarray, list[str]]]
+
+
+def _decoder(group: zarr.Group, name: str, attrs: dict[str, Any]) -> Decoder | None:
+    """For the embeddings of a bfloat16 or int8 teacher store: rows decoded as readers get them
+    (so fill values and damaged scales read as non-finite), and for int8 the faults of the
+    codes and scales themselves (:func:`pipeline.stores.encoding.int8_row_faults`)."""
+    from pipeline.stores.encoding import decode, has_scale, int8_row_faults, scale_name, store_dtype_of
+
+    stored = store_dtype_of(attrs)
+    if not name.endswith("_emb") or stored == "float16":
+        return None
+    status = group[name.replace("_emb", "_status")] if name.replace("_emb", "_status") in group else None
+
+    def decoded(start: int, stop: int, codes: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        if not has_scale(stored):
+            return decode(codes, stored), []
+        scale = np.asarray(group[scale_name(name)][start:stop])  # unreadable: its own pass names it
+        valid = np.ones(stop - start, bool) if status is None else status[start:stop] == ROW_VALID
+        return decode(codes, stored, scale), int8_row_faults(codes, scale, valid, name, start)
+    return decoded
+
+
+def _verify_array(name: str, arr: zarr.Array, decoder: Decoder | None = None) -> list[str]:
+    """Read ``arr`` shard by shard (so a damaged shard is named) and check its values
+    (``decoder``: encoded embeddings, checked as decoded rows and as codes)."""
     faults = []
     starts = _shard_starts(arr)
     for start in starts:
         stop = min(start + starts.step, arr.shape[0])
         try:
-            values = arr[start:stop]
+            values = np.asarray(arr[start:stop])
+            if decoder is not None:
+                values, code_faults = decoder(start, stop, values)
+                faults += code_faults
         except Exception as exc:  # checksum mismatch, truncated shard, undecodable chunk
             faults.append(f"{name} rows [{start}, {stop}): unreadable ({type(exc).__name__}: {exc}); "
                           "the shard file is damaged")
             continue
-        faults += _value_faults(name, start, stop, np.asarray(values))
+        faults += _value_faults(name, start, stop, values)
     return faults
 
 

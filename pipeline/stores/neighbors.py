@@ -1,8 +1,11 @@
-"""Neighbour store format (schema ``neighbors.v1``): exact top-k neighbours of one teacher store.
+"""Neighbour store format (schema ``neighbors.v1``): top-k neighbours of one teacher store.
 
 For each direction (``i2t``, ``t2i``, ``i2i``, ``t2t``) the store holds ``{dir}_topk_idx [N, k]
 int32`` and ``{dir}_topk_sim [N, k] float16``, sorted by descending similarity, ties to the lower
-row. Fill values are chosen to be caught: a lost shard reads back as NaN similarities, or index -1
+row. ``method`` says how they were found: ``exact`` (every key; a store without the attribute
+was written before it existed and is exact) or ``ivf`` (an approximate index, its parameters in
+``method_params``, and ``recall``: the measured recall@k against exact search per direction, on
+``recall_queries`` random queries). Fill values are chosen to be caught: a lost shard reads back as NaN similarities, or index -1
 beside a similarity that is not -inf (the only legitimate -1 is an empty slot, similarity -inf).
 """
 from __future__ import annotations
@@ -22,21 +25,26 @@ from pipeline.stores import StoreFormat, structure_then_rows
 from pipeline.stores.base import (Layout, base_attrs, check_fingerprint, create_array,
                                   open_group_checked, raise_faults, read_array, structure_faults,
                                   validate_attrs)
+from pipeline.stores.location import location
 from pipeline.stores.rows import DEFAULT_CACHE_BYTES, RowReader, paired_blocks
 
 SCHEMA_NAME = "neighbors.v1"
 SCHEMA_ID = "vlm-distill/neighbors"
 SCHEMA_VERSION = 1
 CURRENT_KEYS = ("schema", "schema_version", "k", "directions", "source_teacher_fingerprint",
-                "dataset_fingerprint", "split")
+                "dataset_fingerprint", "split", "method", "method_params")
+DEFAULTS = {"method": "exact"}  # stores written before the attribute existed hold exact lists
 
 
 def store_attrs(k: int, directions: list[str], source_teacher_fingerprint: str,
-                dataset_fingerprint: str, split: str, where: str) -> dict[str, Any]:
+                dataset_fingerprint: str, split: str, where: str, method: str = "exact",
+                method_params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Root attributes of a new (still incomplete) neighbour store."""
     attrs = base_attrs(SCHEMA_ID) | dict(
         k=k, directions=list(directions), source_teacher_fingerprint=source_teacher_fingerprint,
-        dataset_fingerprint=dataset_fingerprint, split=split)
+        dataset_fingerprint=dataset_fingerprint, split=split, method=method)
+    if method_params is not None:
+        attrs["method_params"] = dict(method_params)
     validate_attrs(attrs, SCHEMA_NAME, where)
     return attrs
 
@@ -69,11 +77,18 @@ def topk_row_faults(arrays: dict[str, np.ndarray], direction: str, offset: int =
 
 
 def unwritten_faults(group: zarr.Group) -> list[str]:
-    """Rows of any direction that still hold fill values."""
+    """Rows of any direction that still hold fill values (read a shard at a time: bounded memory)."""
     faults = []
     for d in group.attrs["directions"]:
-        arrays = {n: np.asarray(group[n][:]) for n in (f"{d}_topk_idx", f"{d}_topk_sim")}
-        faults += topk_row_faults(arrays, d)
+        idx, sim = group[f"{d}_topk_idx"], group[f"{d}_topk_sim"]
+        step = idx.shards[0] if idx.shards else idx.chunks[0]
+        for start in range(0, idx.shape[0], max(1, step)):
+            rows = {f"{d}_topk_idx": np.asarray(idx[start:start + step]),
+                    f"{d}_topk_sim": np.asarray(sim[start:start + step])}
+            found = topk_row_faults(rows, d, start)
+            if found:
+                faults += found
+                break
     return faults
 
 
@@ -88,7 +103,7 @@ def open_neighbors(path: str | Path, expect_teacher: str | None = None,
     arrays are :class:`~pipeline.stores.rows.RowReader` views (rows read on demand); the same checks
     run over the store block by block, so memory stays bounded.
     """
-    path = Path(path)
+    path = location(path)
     group = open_group_checked(path, SCHEMA_NAME)
     attrs = dict(group.attrs)
     hint = "rebuild it with `distill neighbors` (or `dvc repro`) from the cache you use"
@@ -118,7 +133,7 @@ def _block_faults(arrays: dict[str, RowReader], direction: str) -> list[str]:
 
 
 published_faults = structure_then_rows(unwritten_faults)  # a kept store
-FORMAT = StoreFormat(SCHEMA_NAME, CURRENT_KEYS, create, published_faults, unwritten_faults)
+FORMAT = StoreFormat(SCHEMA_NAME, CURRENT_KEYS, create, published_faults, unwritten_faults, DEFAULTS)
 
 
 @dataclass(frozen=True)

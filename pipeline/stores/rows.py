@@ -41,14 +41,19 @@ class RowReader:
     """Lazy, checked, LRU-cached row access to array ``name`` of the Zarr group at ``path``."""
 
     def __init__(self, path: str | Path, name: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 check: ChunkCheck | None = None, convert: Callable[[np.ndarray], np.ndarray] | None = None
-                 ) -> None:
-        self.path, self.name = Path(path), name
+                 check: ChunkCheck | None = None, convert: Callable[[np.ndarray], np.ndarray] | None = None,
+                 stored: str = "float16") -> None:
+        from pipeline.stores.location import location
+
+        self.path, self.name = location(path), name
         self.cache_bytes, self.check, self.convert = cache_bytes, check, convert
+        self.stored = stored  # an embedding array's store dtype: bfloat16/int8 rows decode to float32
         arr = self._array()
         self.shape: tuple[int, ...] = tuple(arr.shape)
         # Converted rows (strings) are objects: a fixed width taken from one chunk could truncate.
         self.dtype = np.dtype(arr.dtype) if convert is None else np.dtype(object)
+        if stored != "float16":
+            self.dtype = np.dtype(np.float32)
         self.chunk_rows = int(arr.chunks[0]) if self.shape[0] else 1
         self.shard_rows = int(arr.shards[0]) if arr.shards and self.shape[0] else self.chunk_rows
         self.chunk_reads = 0  # chunks decoded so far (what the LRU saved shows in tests/benchmarks)
@@ -56,20 +61,34 @@ class RowReader:
     # -- pickling: workers get the location and settings, not the open array or its cache --
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_arr", "_lru", "_lock", "_pool", "_pending", "_nbytes"):
+        for key in ("_arr", "_scale", "_lru", "_lock", "_pool", "_pending", "_nbytes"):
             state.pop(key, None)
         return state
 
-    def _array(self) -> zarr.Array:
-        arr = self.__dict__.get("_arr")
+    def _array(self, name: str | None = None) -> zarr.Array:
+        """The open array (``name``: a companion array of the same store, e.g. int8 scales)."""
+        slot = "_arr" if name is None else "_scale"
+        arr = self.__dict__.get(slot)
         if arr is None:
             try:
-                arr = zarr.open_group(str(self.path), mode="r")[self.name]
+                arr = zarr.open_group(str(self.path), mode="r")[name or self.name]
             except (KeyError, FileNotFoundError, ValueError) as exc:
-                raise CacheError(f"{self.path}: array {self.name} cannot be opened ({exc}); "
+                raise CacheError(f"{self.path}: array {name or self.name} cannot be opened ({exc}); "
                                  "run `distill cache verify` on the store") from None
-            self._arr = arr
+            self.__dict__[slot] = arr
         return arr
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` as readers get them: embeddings of a bfloat16 or int8 store
+        decoded to float32 (:mod:`pipeline.stores.encoding`), everything else as stored."""
+        values = np.asarray(self._array()[start:stop])
+        if self.stored == "float16":
+            return values
+        from pipeline.stores.encoding import decode, has_scale, scale_name
+
+        scale = (np.asarray(self._array(scale_name(self.name))[start:stop])
+                 if has_scale(self.stored) else None)
+        return decode(values, self.stored, scale)
 
     def _state(self) -> tuple[OrderedDict, threading.Lock]:
         if "_lru" not in self.__dict__:
@@ -87,7 +106,7 @@ class RowReader:
 
     def _decode(self, start: int, stop: int) -> np.ndarray:
         try:
-            values = np.asarray(self._array()[start:stop])
+            values = self._read(start, stop)
         except (ValueError, RuntimeError, OSError, KeyError) as exc:
             raise CacheError(
                 f"{self.path}: array {self.name} rows [{start}, {stop}) cannot be read "

@@ -1,7 +1,8 @@
 """Teacher store format (schema ``teacher-cache.v1``; ``v2`` when a store holds several augmented
 views per image, :mod:`pipeline.views`): one Zarr v3 group per teacher and split.
 
-Arrays: ``image_emb [N, D]`` (``[N, V, D]`` with views) and ``text_emb [M, D]`` float16,
+Arrays: ``image_emb [N, D]`` (``[N, V, D]`` with views) and ``text_emb [M, D]`` float16 (or
+bfloat16 bits, or int8 codes with ``*_emb_scale``: ``store_dtype``, :mod:`pipeline.stores.encoding`),
 ``image_view [N, V, 5]`` (views only), ``image_id``/``text_id`` strings, ``text_to_image [M]``
 int32 and the row status arrays ``image_status``/``text_status`` (0 never written, 1 valid,
 2 invalid). Here: creating a store (:func:`create_teacher_store`, :func:`teacher_store_attrs`),
@@ -24,6 +25,9 @@ from pipeline.stores.base import (ROW_INVALID, ROW_MISSING, ROW_VALID, Kind, Lay
                                   check_fingerprint, create_array, open_group_checked, raise_faults,
                                   read_array, read_strings, row_units, structure_faults,
                                   unwritten_rows, validate_attrs, write_unit)
+from pipeline.stores.encoding import (array_dtype, decode, encode, fill_value, has_scale,
+                                      scale_name, store_dtype_of)
+from pipeline.stores.location import location
 from pipeline.stores.rows import DEFAULT_CACHE_BYTES, RowReader, ViewRows
 
 SCHEMA_NAME = "teacher-cache.v1"
@@ -31,7 +35,7 @@ SCHEMA_VERSION = 1
 # Attributes a kept store must share with the run: what changes the stored arrays. `on_bad_image`
 # too: a `skip` store may hold invalid rows that `strict` would refuse.
 CURRENT_KEYS = ("schema", "schema_version", "teacher_fingerprint", "dataset_fingerprint",
-                "rows_per_shard", "on_bad_image", "views", "view_params")
+                "rows_per_shard", "on_bad_image", "views", "view_params", "store_dtype")
 
 def teacher_schema(attrs: dict[str, Any]) -> str:
     """Schema file of a teacher store: ``teacher-cache.v2`` with several views per image, else v1."""
@@ -58,10 +62,13 @@ def create_teacher_store(path: Path, *, n_images: int, n_texts: int, embed_dim: 
     from pipeline.views import VIEW_FIELDS
 
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    stored = store_dtype_of(attrs)
     for kind, n in (("image", n_images), ("text", n_texts)):
-        if kind in modalities:  # NaN fill: rows of a lost shard cannot pass for embeddings
+        if kind in modalities:  # fill values decode to NaN: rows of a lost shard cannot pass for embeddings
             shape = (n, views, embed_dim) if kind == "image" and views > 1 else (n, embed_dim)
-            create_array(group, f"{kind}_emb", shape, "float16", layout, np.nan)
+            create_array(group, f"{kind}_emb", shape, array_dtype(stored), layout, fill_value(stored))
+            if has_scale(stored):
+                create_array(group, scale_name(f"{kind}_emb"), shape[:-1], "float32", layout, np.nan)
     if views > 1 and "image" in modalities:
         create_array(group, "image_view", (n_images, views, len(VIEW_FIELDS)), "int32", layout, -1)
     create_array(group, "image_id", (n_images,), str, layout)
@@ -97,6 +104,7 @@ class TeacherCache:
         self.modalities = frozenset(self.attrs["modalities"])
         self.dataset_fingerprint: str = self.attrs["dataset_fingerprint"]
         self.teacher_fingerprint: str = self.attrs["teacher_fingerprint"]
+        self.store_dtype = store_dtype_of(self.attrs)
         self.text_to_image = read_array(group, "text_to_image", path).astype(np.int32)
         self.image_status = read_array(group, "image_status", path)
         self.text_status = read_array(group, "text_status", path)
@@ -130,9 +138,9 @@ class TeacherCache:
             return None
         if self.lazy:  # finiteness of valid rows is checked chunk by chunk as rows are read
             status = getattr(self, f"{kind}_status")
-            return RowReader(self.path, f"{kind}_emb", cache_bytes=cache_bytes,
+            return RowReader(self.path, f"{kind}_emb", cache_bytes=cache_bytes, stored=self.store_dtype,
                              check=FiniteWhereValid(status, f"{self.path}: {kind}_emb"))
-        return read_array(group, f"{kind}_emb", self.path).astype(np.float32)
+        return read_embeddings(group, f"{kind}_emb", self.path, self.store_dtype).astype(np.float32)
 
     @classmethod
     def open(cls, path: str | Path, expect_dataset: str | None = None,
@@ -148,7 +156,7 @@ class TeacherCache:
         first read (a damaged chunk is then a :class:`CacheError` naming the store, array and
         rows, possibly mid-run: for stores whose copy DVC has just checked).
         """
-        path = Path(path)
+        path = location(path)
         group = open_group_checked(path, teacher_schema_at(path))
         attrs = dict(group.attrs)
         hint = "rebuild it with `distill teach` (or `dvc repro`), or point to the right cache"
@@ -218,7 +226,28 @@ def unit_rows(path: str | Path, kind: Kind, start: int, stop: int) -> dict[str, 
     names += ["text_to_image"] if kind == "text" else [n for n in ("image_view",) if n in group]
     rows = {name: group[name][start:stop] for name in names if name in group}
     rows[f"{kind}_id"] = read_strings(rows[f"{kind}_id"])
+    stored = store_dtype_of(dict(group.attrs))
+    if f"{kind}_emb" in rows and has_scale(stored):
+        scale = group[scale_name(f"{kind}_emb")][start:stop]
+        rows[f"{kind}_emb"] = decode(rows[f"{kind}_emb"], stored, scale)
+    elif f"{kind}_emb" in rows:
+        rows[f"{kind}_emb"] = decode(rows[f"{kind}_emb"], stored)
     return rows
+
+
+def read_embeddings(group: zarr.Group, name: str, path: Path | str, stored: str) -> np.ndarray:
+    """All rows of embedding array ``name`` decoded as readers get them (float16 as stored,
+    bfloat16 and int8 as float32), checked as :func:`read_array` checks."""
+    codes = read_array(group, name, path)
+    scale = read_array(group, scale_name(name), path) if has_scale(stored) else None
+    return decode(codes, stored, scale)
+
+
+def encoded_columns(name: str, values: np.ndarray, stored: str) -> dict[str, np.ndarray]:
+    """The arrays a unit writes for embedding rows ``values`` (float32 or float16) of array
+    ``name`` in a ``stored`` store: the codes, and the scales for int8."""
+    codes, scale = encode(values, stored)
+    return {name: codes} | ({} if scale is None else {scale_name(name): scale})
 
 
 def published_attrs(path: Path, need: Kind | None = None, role: str = "teacher") -> dict[str, Any]:
@@ -278,13 +307,21 @@ class FiniteWhereValid:
 def teacher_store_attrs(teacher: dict[str, Any], dataset_fingerprint: str, split: str,
                         modalities: frozenset[str], embed_dim: int, logit_scale: float,
                         n_images: int, n_texts: int, layout: Layout, views: Any = None,
-                        **extra: Any) -> dict[str, Any]:
+                        store_dtype: str = "float16", **extra: Any) -> dict[str, Any]:
     """Root attributes of a new (still incomplete) teacher store; ``teacher`` is its fingerprint dict.
 
     ``views``: a :class:`~pipeline.views.ViewSpec` of more than one view makes a schema v2 store
-    (``views``, ``view_params``); otherwise the store is v1, as without views.
+    (``views``, ``view_params``); otherwise the store is v1, as without views. ``store_dtype``
+    other than float16 is recorded (``store_dtype``) and joins the teacher's fingerprint fields:
+    the stored embeddings differ, so do the stores derived from them. A float16 store's
+    attributes and fingerprint are those of every store written before the setting existed.
     """
     from pipeline.fingerprint import fingerprint
+
+    if store_dtype != "float16":
+        array_dtype(store_dtype)  # a known one
+        teacher = teacher | {"store_dtype": store_dtype}
+        extra = extra | {"store_dtype": store_dtype}
 
     if views is not None and views.views > 1 and "image" in modalities:
         extra = extra | {"views": views.views, "view_params": views.attrs()}
@@ -304,6 +341,7 @@ def write_cache_from_arrays(
     image_emb: np.ndarray | None = None, text_emb: np.ndarray | None = None,
     image_status: np.ndarray | None = None, text_status: np.ndarray | None = None,
     layout: Layout = Layout(), image_view: np.ndarray | None = None, views: Any = None,
+    store_dtype: str = "float16",
 ) -> Path:
     """Write a complete cache from in-memory arrays (embeddings computed elsewhere, tests).
 
@@ -311,12 +349,12 @@ def write_cache_from_arrays(
     (schema v2): ``image_emb`` is ``[N, V, D]``, ``image_view`` ``[N, V, 5]`` and ``views`` the
     :class:`~pipeline.views.ViewSpec` that drew them.
     """
-    path = Path(path)
+    path = location(path)
     modalities = frozenset(k for k, e in (("image", image_emb), ("text", text_emb)) if e is not None)
     embed_dim = next(e.shape[-1] for e in (image_emb, text_emb) if e is not None)
     n_img, n_txt = len(image_ids), len(text_ids)
     attrs = teacher_store_attrs(teacher, dataset_fingerprint, split, modalities, embed_dim, logit_scale,
-                                n_img, n_txt, layout, views=views)
+                                n_img, n_txt, layout, views=views, store_dtype=store_dtype)
     group = create_teacher_store(path, n_images=n_img, n_texts=n_txt, embed_dim=int(embed_dim),
                                  modalities=modalities, attrs=attrs, layout=layout,
                                  views=attrs.get("views", 1))
@@ -329,8 +367,10 @@ def write_cache_from_arrays(
                  "text_status": np.full(n_txt, ROW_VALID, np.uint8) if text_status is None else text_status},
     }
     for kind, n in (("image", n_img), ("text", n_txt)):
-        arrays = {k: (v.astype(np.float16) if k.endswith("_emb") else v)
-                  for k, v in columns[kind].items() if v is not None}
+        arrays: dict[str, np.ndarray] = {}
+        for k, v in columns[kind].items():
+            if v is not None:
+                arrays.update(encoded_columns(k, v, store_dtype) if k.endswith("_emb") else {k: v})
         for start, stop in row_units(n, layout.rows_per_shard):
             write_unit(group, start, stop, {k: v[start:stop] for k, v in arrays.items()})
     group.attrs.update({"complete": True})

@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -42,7 +42,10 @@ from pipeline.progress import note
 from pipeline.stores import StoreSpec
 from pipeline.stores import teacher as teacher_format
 from pipeline.stores.base import (ROW_VALID, Kind, Layout)
-from pipeline.stores.teacher import TeacherCache, published_attrs, teacher_store_attrs, unit_rows
+from pipeline.stores.encoding import StoreDtype
+from pipeline.stores.location import location, store_root
+from pipeline.stores.teacher import (encoded_columns, published_attrs,
+                                     teacher_store_attrs, unit_rows)
 from pipeline.teachers.aligned import (MAX_LOGIT_SCALE, AlignHeads, aligned_fingerprint,
                                        heads_sha256, save_heads)
 from pipeline.views import ViewSpec
@@ -69,6 +72,9 @@ class AlignConfig:
     hidden_dim: int = setting(1024, minimum=1)  # mlp hidden width
     epochs: int = setting(200, minimum=1)  # passes over the train images (one random caption each)
     batch_size: int = setting(256, minimum=2)  # pairs per contrastive batch
+    block_rows: int = setting(32768, minimum=2)  # images read from the caches at a time (bounds
+                                            # memory): a split of more is read block by block every
+                                            # epoch, the blocks in random order, each one shuffled
     lr: float = setting(1e-3, exclusive_minimum=0)  # AdamW, cosine decay to 0 over the epochs
     weight_decay: float = setting(0.0, minimum=0)
     init_logit_scale: float = setting(1 / 0.07, minimum=1, maximum=MAX_LOGIT_SCALE)  # learned from here
@@ -80,6 +86,7 @@ class AlignConfig:
     heads_dir: str = "models/align"         # heads go to <heads_dir>/<name>/
     rows_per_shard: int = setting(16384, minimum=1)  # rows per Zarr shard of the written stores
     rows_per_chunk: int = setting(256, minimum=1)
+    store_dtype: StoreDtype = "float16"     # of the aligned stores: float16 | bfloat16 | int8
     summary_dir: str = "reports/align"      # <summary_dir>/<name>.json: training curve, scale, counts
     executor: ExecutorName = "inprocess"    # inprocess | dask (writing units as Dask tasks)
     dask: DaskConfig = field(default_factory=DaskConfig)
@@ -127,7 +134,7 @@ def _source_attrs(path: Path, need: Kind, role: str) -> dict[str, Any]:
 def source_pairs(cfg: AlignConfig) -> dict[str, SourcePair]:
     """Every split with a store of both source teachers, checked against each other: the same
     dataset (fingerprints), rows and modalities. The train split must be among them."""
-    root = Path(cfg.cache_root)
+    root = location(cfg.cache_root)
     vision_splits = {p.name.removesuffix(".zarr") for p in (root / cfg.vision).glob("*.zarr")}
     text_splits = {p.name.removesuffix(".zarr") for p in (root / cfg.text).glob("*.zarr")}
     if cfg.train_split not in vision_splits & text_splits:
@@ -155,8 +162,8 @@ def source_pairs(cfg: AlignConfig) -> dict[str, SourcePair]:
 
 @dataclass
 class PairedFeatures:
-    """One split's cached features: every image with at least one valid caption, and its captions
-    (those of image n are ``text_feat[first_caption[n] : first_caption[n] + n_captions[n]]``)."""
+    """Cached features of some images: every image with at least one valid caption, and its
+    captions (those of image n are ``text_feat[first_caption[n] : first_caption[n] + n_captions[n]]``)."""
 
     image_feat: Tensor          # [N, Dv] float32, valid images with a valid caption
     text_feat: Tensor           # [M, Dt] float32, their valid captions, grouped by image
@@ -168,21 +175,126 @@ class PairedFeatures:
         return len(self.first_caption)
 
 
-def paired_features(pair: SourcePair) -> PairedFeatures:
-    """Load one split's features from both caches (fully checked) and pair them."""
-    vision = TeacherCache.open(pair.vision, expect_dataset=pair.dataset_fingerprint)
-    text = TeacherCache.open(pair.text, expect_dataset=pair.dataset_fingerprint)
-    if not (np.array_equal(vision.text_to_image, text.text_to_image)
-            and np.array_equal(vision.image_ids, text.image_ids)):
-        raise CacheError(f"align: {pair.vision} and {pair.text} order their rows differently; "
-                         "rebuild them")
-    t_ok = text.text_valid & (text.text_to_image >= 0)
-    t_ok[t_ok] &= vision.image_valid[text.text_to_image[t_ok]]
-    t_rows = np.flatnonzero(t_ok)
-    t_rows = t_rows[np.argsort(text.text_to_image[t_rows], kind="stable")]  # grouped by image
-    images, first, counts = np.unique(text.text_to_image[t_rows], return_index=True, return_counts=True)
-    return PairedFeatures(torch.from_numpy(vision.image_emb[images]), torch.from_numpy(text.text_emb[t_rows]),
-                          torch.from_numpy(first.astype(np.int64)), torch.from_numpy(counts.astype(np.int64)))
+@dataclass
+class PairedBlock:
+    """Image rows ``[i0, i1)`` of a split and the text rows ``[t0, t1)`` of their captions."""
+
+    i0: int
+    i1: int
+    t0: int
+    t1: int
+    n_images: int = 0    # usable: valid, with a valid caption
+    n_captions: int = 0  # their valid captions
+
+
+@dataclass
+class PairedStream:
+    """One split's paired features, read from both source stores a block of images at a time,
+    so memory holds one block whatever the split's size (one block: held across epochs).
+
+    The stores must list captions grouped by image (``text_to_image`` never decreases), as
+    ``teach`` writes them: then a block of images and its captions are two row ranges."""
+
+    pair: SourcePair
+    blocks: list[PairedBlock]
+    image_dim: int
+    text_dim: int
+    vision: dict[str, Any] = field(default_factory=dict)  # row readers of both stores (_readers)
+    text: dict[str, Any] = field(default_factory=dict)
+    _held: PairedFeatures | None = None
+
+    @property
+    def n_images(self) -> int:
+        return sum(b.n_images for b in self.blocks)
+
+    @property
+    def n_captions(self) -> int:
+        return sum(b.n_captions for b in self.blocks)
+
+    def read(self, b: int) -> PairedFeatures:
+        """Block ``b``'s paired features (checked as the store readers check every chunk)."""
+        if self._held is not None:
+            return self._held
+        block = self.blocks[b]
+        vision, text = self.vision, self.text
+        image_valid = vision["image_status"][block.i0:block.i1] == ROW_VALID
+        t2i = text["text_to_image"][block.t0:block.t1].astype(np.int64) - block.i0
+        t_ok = (text["text_status"][block.t0:block.t1] == ROW_VALID) & (t2i >= 0)
+        t_ok[t_ok] &= image_valid[t2i[t_ok]]
+        t_rows = np.flatnonzero(t_ok)  # grouped by image: text_to_image never decreases
+        images, first, counts = np.unique(t2i[t_rows], return_index=True, return_counts=True)
+        feats = PairedFeatures(
+            torch.from_numpy(np.asarray(vision["image_emb"][block.i0:block.i1], np.float32)[images]),
+            torch.from_numpy(np.asarray(text["text_emb"][block.t0:block.t1], np.float32)[t_rows]),
+            torch.from_numpy(first.astype(np.int64)), torch.from_numpy(counts.astype(np.int64)))
+        if len(self.blocks) == 1:
+            self._held = feats
+        return feats
+
+
+def _readers(pair: SourcePair) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Row readers of the arrays ``align`` reads from the two source stores (decoded embeddings;
+    view 0 of a vision store with views)."""
+    from pipeline.stores.encoding import store_dtype_of
+    from pipeline.stores.rows import RowReader, ViewRows
+
+    out = []
+    for path, kind in ((pair.vision, "image"), (pair.text, "text")):
+        attrs = published_attrs(path)
+        emb = RowReader(path, f"{kind}_emb", stored=store_dtype_of(attrs))
+        readers = {f"{kind}_emb": ViewRows(emb, 0) if emb.ndim == 3 else emb}
+        for name in ("image_status", "text_status", "text_to_image", "image_id"):
+            readers[name] = RowReader(path, name)
+        out.append(readers)
+    return out[0], out[1]
+
+
+def paired_features(pair: SourcePair, block_rows: int = 32768) -> PairedStream:
+    """Plan one split's blocks of ``block_rows`` images from both stores, in one pass over their
+    row arrays (bounded memory): the stores must order their rows alike; the usable images and
+    captions of each block are counted."""
+    from pipeline.stores.rows import paired_blocks
+
+    vision, text = _readers(pair)
+    for name in ("image_id", "text_to_image"):
+        for start, (a, b) in paired_blocks(vision[name], text[name]):
+            if not np.array_equal(a, b):
+                raise CacheError(f"align: {pair.vision} and {pair.text} order their rows differently "
+                                 f"({name} differs from row {start}); rebuild them")
+    bounds = list(range(0, pair.n_images, block_rows)) + [pair.n_images]
+    starts = _caption_starts(pair, text["text_to_image"], np.asarray(bounds))
+    blocks = []
+    for i0, i1, t0, t1 in zip(bounds[:-1], bounds[1:], starts[:-1], starts[1:]):
+        block = PairedBlock(int(i0), int(i1), int(t0), int(t1))
+        image_valid = vision["image_status"][i0:i1] == ROW_VALID
+        t2i = text["text_to_image"][t0:t1].astype(np.int64) - i0
+        t_ok = (text["text_status"][t0:t1] == ROW_VALID) & (t2i >= 0)
+        t_ok[t_ok] &= image_valid[t2i[t_ok]]
+        block.n_images, block.n_captions = len(np.unique(t2i[t_ok])), int(t_ok.sum())
+        blocks.append(block)
+    dims = (vision["image_emb"].shape[-1], text["text_emb"].shape[-1])
+    return PairedStream(pair, blocks, int(dims[0]), int(dims[1]), vision, text)
+
+
+def _caption_starts(pair: SourcePair, text_to_image: Any, bounds: np.ndarray) -> np.ndarray:
+    """For each image row in ``bounds``, the first text row of a caption of that image or a later
+    one (``n_texts`` when none): one pass over ``text_to_image``, which must never decrease."""
+    from pipeline.stores.rows import paired_blocks
+
+    starts = np.full(len(bounds), pair.n_texts, dtype=np.int64)
+    last = -1
+    for start, (t2i,) in paired_blocks(text_to_image):
+        t2i = t2i.astype(np.int64)
+        steps = np.diff(np.concatenate([[last], t2i]))
+        if (steps < 0).any():
+            row = start + int(np.flatnonzero(steps < 0)[0])
+            raise CacheError(f"align: {pair.text}: captions are not grouped by image (text_to_image "
+                             f"decreases at text row {row}); align reads stores as `distill teach` "
+                             "writes them: rebuild the caches with it")
+        todo = (starts == pair.n_texts) & (bounds <= t2i[-1]) if len(t2i) else np.zeros(len(bounds), bool)
+        starts[todo] = start + np.searchsorted(t2i, bounds[todo], side="left")
+        last = int(t2i[-1]) if len(t2i) else last
+    return starts
 
 
 # ----------------------------------------------------------------------------- training
@@ -204,49 +316,73 @@ def _batches(n: int, batch_size: int) -> list[slice]:
     return [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size) if min(batch_size, n - s) >= 2]
 
 
+def epoch_batches(data: PairedStream, batch_size: int,
+                  gen: torch.Generator | None) -> Iterator[tuple[Tensor, Tensor]]:
+    """(image features, caption features) of each batch of one epoch: the batches
+    :func:`_batches` cuts from every usable image with one caption (:func:`_epoch_pairs`).
+    With ``gen``, the blocks come in random order and each block's images shuffled; a batch may
+    span two blocks. Without, in row order with first captions (validation). One block: the
+    pairs of a shuffle of the whole split."""
+    order = list(range(len(data.blocks)))
+    if gen is not None and len(order) > 1:
+        order = torch.randperm(len(order), generator=gen).tolist()
+    img = cap = None  # pairs not yet in a batch (fewer than batch_size)
+    for b in order:
+        if data.blocks[b].n_images == 0:
+            continue
+        feats = data.read(b)
+        imgs, caps = _epoch_pairs(feats, gen)
+        block_img, block_cap = feats.image_feat[imgs], feats.text_feat[caps]
+        if img is not None and len(img):
+            block_img, block_cap = torch.cat([img, block_img]), torch.cat([cap, block_cap])
+        full = len(block_img) // batch_size * batch_size
+        for s in range(0, full, batch_size):
+            yield block_img[s:s + batch_size], block_cap[s:s + batch_size]
+        img, cap = block_img[full:], block_cap[full:]
+    if img is not None and len(img) >= 2:  # a last batch of fewer than 2 pairs is dropped
+        yield img, cap
+
+
 @torch.no_grad()
-def val_loss(heads: AlignHeads, data: PairedFeatures, batch_size: int) -> float:
+def val_loss(heads: AlignHeads, data: PairedStream, batch_size: int) -> float:
     """Mean contrastive loss over fixed batches of the val pairs (first caption of each image)."""
-    imgs, caps = _epoch_pairs(data, None)
-    losses = [contrastive_loss(heads.image(data.image_feat[imgs[b]]), heads.caption(data.text_feat[caps[b]]),
-                               heads.logit_scale()).item() for b in _batches(len(imgs), batch_size)]
+    losses = [contrastive_loss(heads.image(img), heads.caption(cap), heads.logit_scale()).item()
+              for img, cap in epoch_batches(data, batch_size, None)]
     return float(np.mean(losses)) if losses else float("nan")
 
 
-def train_heads(cfg: AlignConfig, train: PairedFeatures, val: PairedFeatures | None,
+def train_heads(cfg: AlignConfig, train: PairedStream, val: PairedStream | None,
                 progress: bool | None = None) -> tuple[AlignHeads, dict[str, Any]]:
     """Train the heads on cached features; return the heads (best val epoch) and the history."""
     with torch_threads(cfg.threads):
         return _train_heads(cfg, train, val, progress)
 
 
-def _train_heads(cfg: AlignConfig, train: PairedFeatures, val: PairedFeatures | None,
+def _train_heads(cfg: AlignConfig, train: PairedStream, val: PairedStream | None,
                  progress: bool | None) -> tuple[AlignHeads, dict[str, Any]]:
     torch.manual_seed(cfg.seed)
-    heads = AlignHeads(train.image_feat.shape[1], train.text_feat.shape[1], cfg.embed_dim, cfg.head,
+    heads = AlignHeads(train.image_dim, train.text_dim, cfg.embed_dim, cfg.head,
                        cfg.hidden_dim, cfg.init_logit_scale)
-    batches = _batches(train.n_images, cfg.batch_size)
-    if not batches:
+    n_batches = len(_batches(train.n_images, cfg.batch_size))
+    if not n_batches:
         raise CacheError(f"align: the train split has {train.n_images} usable image-caption "
                          "pair(s); at least 2 are needed for a contrastive loss")
     opt = torch.optim.AdamW(heads.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(batches))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * n_batches)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
     best = (math.inf, -1, None)
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
-        imgs, caps = _epoch_pairs(train, gen)
         total = 0.0
-        for b in batches:
-            loss = contrastive_loss(heads.image(train.image_feat[imgs[b]]),
-                                    heads.caption(train.text_feat[caps[b]]), heads.logit_scale())
+        for img, cap in epoch_batches(train, cfg.batch_size, gen):
+            loss = contrastive_loss(heads.image(img), heads.caption(cap), heads.logit_scale())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item()
-        row = {"epoch": epoch, "train_loss": total / len(batches),
+        row = {"epoch": epoch, "train_loss": total / n_batches,
                "logit_scale": heads.logit_scale().item()}
         if val is not None:
             row["val_loss"] = val_loss(heads, val, cfg.batch_size)
@@ -263,8 +399,8 @@ def _train_heads(cfg: AlignConfig, train: PairedFeatures, val: PairedFeatures | 
     info = {"epochs_run": len(history), "best_epoch": best[1] if best[2] is not None else len(history) - 1,
             "best_val_loss": None if best[2] is None else best[0],
             "logit_scale": heads.logit_scale().item(), "seconds": round(time.perf_counter() - t0, 3),
-            "train_pairs": {"images": train.n_images, "captions": len(train.text_feat)},
-            "val_pairs": None if val is None else {"images": val.n_images, "captions": len(val.text_feat)},
+            "train_pairs": {"images": train.n_images, "captions": train.n_captions},
+            "val_pairs": None if val is None else {"images": val.n_images, "captions": val.n_captions},
             "history": history}
     return heads.eval(), info
 
@@ -279,6 +415,7 @@ class AlignWork:
     sources: dict[str, tuple[str, str]]     # split -> (vision store, text store)
     heads_args: dict[str, Any]
     heads_state: dict[str, np.ndarray]
+    store_dtype: str = "float16"
 
     def _heads(self) -> AlignHeads:
         heads = AlignHeads(**self.heads_args)
@@ -298,7 +435,9 @@ class AlignWork:
             emb = (heads.image if kind == "image" else heads.caption)(flat)
             emb = emb.reshape(*feat.shape[:-1], emb.shape[-1])
         emb[~valid] = 0.0  # invalid rows hold zeros, as `teach` writes them
-        arrays[f"{kind}_emb"] = emb.numpy().astype(np.float16)  # ids, status, views as they are
+        values = emb.numpy()  # ids, status, views as they are
+        arrays.update(encoded_columns(f"{kind}_emb", values.astype(np.float16) if self.store_dtype
+                                      == "float16" else values, self.store_dtype))
         return arrays, {"forward_calls": 0}
 
 
@@ -312,6 +451,7 @@ def plan_align(cfg: AlignConfig, pairs: dict[str, SourcePair], heads: AlignHeads
         attrs = teacher_store_attrs(teacher_fp, pair.dataset_fingerprint, split,
                                     frozenset({"image", "text"}), cfg.embed_dim, spec["logit_scale"],
                                     pair.n_images, pair.n_texts, layout, views=pair.views,
+                                    store_dtype=cfg.store_dtype,
                                     compute={"device": "cpu", "torch": torch.__version__, "autocast": "none"},
                                     on_bad_image="skip")
         stores[f"{split}.zarr"] = StoreSpec(teacher_format.FORMAT, attrs, dict(
@@ -321,10 +461,11 @@ def plan_align(cfg: AlignConfig, pairs: dict[str, SourcePair], heads: AlignHeads
         units += shard_units(split, "text", pair.n_texts, cfg.rows_per_shard)
     run_fp = fingerprint({"teacher": teacher_fp, "layout": [cfg.rows_per_shard, cfg.rows_per_chunk],
                           "datasets": {s: p.dataset_fingerprint for s, p in pairs.items()},
-                          "package": __version__})
+                          "package": __version__, "store_dtype": cfg.store_dtype})
     work = AlignWork({s: (str(p.vision.resolve()), str(p.text.resolve())) for s, p in pairs.items()},
-                     heads.args, {k: v.detach().numpy().copy() for k, v in heads.state_dict().items()})
-    return StoreJob(f"align {cfg.name}", Path(cfg.cache_root).resolve() / cfg.name, run_fp, stores,
+                     heads.args, {k: v.detach().numpy().copy() for k, v in heads.state_dict().items()},
+                     cfg.store_dtype)
+    return StoreJob(f"align {cfg.name}", store_root(cfg.cache_root) / cfg.name, run_fp, stores,
                     units, work)
 
 
@@ -338,19 +479,19 @@ def run_align(cfg: AlignConfig, entries: dict[str, Any] | None = None,
     """
     t0 = time.perf_counter()
     check_executor(cfg.executor, cfg.dask, "align")
-    out = Path(cfg.cache_root) / cfg.name
+    out = location(cfg.cache_root) / cfg.name
     # one lock over training, the heads and the stores: a concurrent run on this output is
     # refused before it trains (the store runner takes the same lock again)
     with output_lock(out, f"`distill align {cfg.name}`"):
         pairs = source_pairs(cfg)
-        train = paired_features(pairs[cfg.train_split])
+        train = paired_features(pairs[cfg.train_split], cfg.block_rows)
         val = None
         if cfg.val_split is not None and cfg.val_split != cfg.train_split:
             if cfg.val_split in pairs:
-                val = paired_features(pairs[cfg.val_split])
+                val = paired_features(pairs[cfg.val_split], cfg.block_rows)
             else:
                 log.warning("align: no caches of the val split %r; training all %d epochs", cfg.val_split, cfg.epochs)
-        note(f"align {cfg.name}: {train.n_images} train images, {len(train.text_feat)} captions "
+        note(f"align {cfg.name}: {train.n_images} train images, {train.n_captions} captions "
              f"({cfg.vision} + {cfg.text}, {cfg.head} heads)", progress)
         heads, info = train_heads(cfg, train, val, progress)
         vision_attrs = _source_attrs(pairs[cfg.train_split].vision, "image", "vision")

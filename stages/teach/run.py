@@ -36,7 +36,9 @@ from pipeline.iterate import batched, prefetch
 from pipeline.stores import StoreSpec
 from pipeline.stores import teacher as teacher_format
 from pipeline.stores.base import ROW_INVALID, ROW_VALID, Layout
-from pipeline.stores.teacher import teacher_store_attrs
+from pipeline.stores.encoding import StoreDtype
+from pipeline.stores.location import location, store_root
+from pipeline.stores.teacher import encoded_columns, teacher_store_attrs
 from pipeline.views import VIEW_FIELDS, ViewSpec, apply_view, view_params
 from stages.executors import DaskConfig, ExecutorName, check_executor, open_executor
 from stages.runner import (RunResult, StoreJob, Unit, report_rows, run_store_stage, shard_units,
@@ -81,6 +83,8 @@ class TeachConfig:
                                            # share, as RandomResizedCrop (the student's own default)
     view_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), exclusive_minimum=0)  # crop aspect w/h
     view_flip: bool = True                 # flip views 1.. horizontally with probability 1/2
+    store_dtype: StoreDtype = "float16"    # float16 | bfloat16 | int8 (codes + a scale per row):
+                                           # bytes per value 2, 2, 1 (docs/cache-format.md "Store dtypes")
 
     def __post_init__(self) -> None:
         check_settings(self, "teach")
@@ -257,9 +261,9 @@ def compute_image_unit(teacher: Any, manifest: Manifest, start: int, stop: int, 
                 view[rows] = np.stack([params for _, (_, params) in good])
     arrays: dict[str, np.ndarray] = {"image_id": ids.astype(str), "image_status": status}
     if emb is not None:
-        arrays["image_emb"] = (emb[:, 0] if v == 1 else emb).astype(np.float16)
-        check_finite(arrays["image_emb"].reshape(n, -1), list(ids),
-                     f"images [{start}, {stop}) of {manifest.root}")
+        out = stored_values(emb[:, 0] if v == 1 else emb, cfg.store_dtype)
+        check_finite(out.reshape(n, -1), list(ids), f"images [{start}, {stop}) of {manifest.root}")
+        arrays.update(encoded_columns("image_emb", out, cfg.store_dtype))
     if view is not None:
         arrays["image_view"] = view
     return arrays, skipped
@@ -299,9 +303,16 @@ def compute_text_unit(teacher: Any, manifest: Manifest, start: int, stop: int,
     arrays = {"text_id": ids.astype(str), "text_to_image": to_image,
               "text_status": np.full(n, ROW_VALID, dtype=np.uint8)}
     if emb is not None:
-        arrays["text_emb"] = emb.astype(np.float16)
-        check_finite(arrays["text_emb"], list(ids), f"texts [{start}, {stop}) of {manifest.root}")
+        out = stored_values(emb, cfg.store_dtype)
+        check_finite(out, list(ids), f"texts [{start}, {stop}) of {manifest.root}")
+        arrays.update(encoded_columns("text_emb", out, cfg.store_dtype))
     return arrays
+
+
+def stored_values(emb: np.ndarray, store_dtype: str) -> np.ndarray:
+    """The teacher's float32 outputs as they are checked and then encoded: float16 for a float16
+    store (so a value beyond float16's range is refused), float32 otherwise."""
+    return emb.astype(np.float16) if store_dtype == "float16" else emb
 
 
 
@@ -377,6 +388,7 @@ def plan_teach(cfg: TeachConfig, name: str, source: TeacherRef | LiveTeacher, ex
         attrs = teacher_store_attrs(
             teacher_fp, m.fingerprint, split, modalities, info["embed_dim"],
             info["logit_scale"], m.n_images, m.n_texts, layout, views=views,
+            store_dtype=cfg.store_dtype,         # other than float16: part of the fingerprint
             compute=info["compute"],             # device/autocast: informational only
             on_bad_image=cfg.on_bad_image)       # a `skip` store may hold invalid rows
         stores[f"{split}.zarr"] = StoreSpec(teacher_format.FORMAT, attrs, dict(
@@ -389,9 +401,10 @@ def plan_teach(cfg: TeachConfig, name: str, source: TeacherRef | LiveTeacher, ex
         "on_bad_image": cfg.on_bad_image, "datasets": {s: m.fingerprint for s, m in manifests.items()},
         "package": __version__,
         **({"views": {s: cfg.view_spec(s).attrs() for s in manifests}} if cfg.views > 1 else {}),
+        **({"store_dtype": cfg.store_dtype} if cfg.store_dtype != "float16" else {}),
     })
 
-    job = StoreJob(f"teach {name}", Path(cfg.out_root).resolve() / name, run_fp, stores, units,
+    job = StoreJob(f"teach {name}", store_root(cfg.out_root) / name, run_fp, stores, units,
                    TeachWork(cfg, manifests, source), skipped_attrs)
     job.meta.update(teacher=info, manifests=manifests)  # for the summary
     return job
@@ -409,7 +422,7 @@ def run_teach(cfg: TeachConfig, name: str, teacher: Any = None, progress: bool |
     t0 = time.perf_counter()
     check_executor(cfg.executor, cfg.dask, "teach")
     source = teacher_source(cfg, teacher, entry)
-    out = Path(cfg.out_root) / name
+    out = location(cfg.out_root) / name
     with open_executor(cfg.executor, cfg.dask, "teach") as executor, torch_threads(cfg.threads):
         job, result = run_store_stage(out, f"`distill teach {name}`",
                                       lambda: plan_teach(cfg, name, source, executor), executor, progress)
@@ -421,7 +434,7 @@ def _summary(cfg: TeachConfig, name: str, job: StoreJob, result: RunResult,
     skipped = skipped_by_split(job, result)
     summary = {
         "teacher": name, "teacher_fingerprint": fingerprint(job.meta["teacher"]["fingerprint"]),
-        "up_to_date": result.up_to_date, "executor": cfg.executor,
+        "up_to_date": result.up_to_date, "executor": cfg.executor, "store_dtype": cfg.store_dtype,
         # threads of the teacher forward: in this process, or each Dask worker's (None: torch's default)
         "torch_threads": cfg.dask.torch_threads if cfg.executor == "dask" else cfg.threads or torch.get_num_threads(),
         "forward_calls": sum(result.infos[k].get("forward_calls", 0) for k in result.computed),
