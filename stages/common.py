@@ -17,8 +17,8 @@ from pipeline.registry import UnknownNameError
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameters file (params.yaml).")]
 ProgressOpt = Annotated[Optional[bool], typer.Option(
     "--progress/--no-progress", show_default=False,
-    help="Progress goes to stderr: by default a bar on a terminal, otherwise a plain line every "
-         "30 s or 5 % (DISTILL_PROGRESS_SECONDS / DISTILL_PROGRESS_PERCENT). --progress also "
+    help="Progress goes to stderr: by default a bar on a terminal, otherwise a plain line at "
+         "the start, at most every 30 s (DISTILL_PROGRESS_SECONDS) and at the end. --progress also "
          "shows libraries' own bars (downloads, weight loading); --no-progress shows none.")]
 ExecutorOpt = Annotated[Optional[str], typer.Option(
     help="Override <stage>.executor: inprocess, or dask (units as tasks of a Dask cluster).")]

@@ -480,8 +480,7 @@ def _train(cfg: TrainConfig, progress: bool | None, stop_after: int | None,
            if world.main else NoLog())
     start, t_loop = run.step, time.perf_counter()
     try:
-        with progress_task(f"train {cfg.student}", run.total_steps, progress) as advance:
-            advance(start)
+        with progress_task(f"train {cfg.student}", run.total_steps, progress, start=start) as advance:
             last = _loop(run, log, advance, stop_after)
     except BaseException:
         log.close()
