@@ -114,11 +114,19 @@ def test_evaluate_end_to_end(eval_setup: EvalConfig):
 
     quality = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS] + [
         "rsum", "i2t_MedR", "t2i_MedR", "i2i_ndcg@10", "t2t_ndcg@10"]
-    for model in ("student", "teacher", "pct_of_teacher"):
+    for model in ("student", "teacher"):
         assert set(quality) <= set(written[model]), model
+    medr = {"i2t_MedR", "t2i_MedR"}  # lower is better: a multiple of the teacher's, not a percentage
+    assert set(written["pct_of_teacher"]) == set(quality) - medr
+    assert set(written["times_teacher"]) == medr
     for key in quality:
-        expected = 100 * written["student"][key] / written["teacher"][key]
-        assert written["pct_of_teacher"][key] == pytest.approx(expected)
+        ratio = written["student"][key] / written["teacher"][key]
+        if key in medr:
+            assert written["times_teacher"][key] == pytest.approx(ratio)
+        else:
+            assert written["pct_of_teacher"][key] == pytest.approx(100 * ratio)
+    report = Path(cfg.report_path).read_text()
+    assert f"{written['times_teacher']['i2t_MedR']:.2f}× teacher's (lower is better)" in report
     counts = written["counts"]
     assert (counts["n_images"], counts["n_texts"]) == (11, 22)
     assert (counts["n_images_excluded"], counts["n_texts_excluded"]) == (1, 2)

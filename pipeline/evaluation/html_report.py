@@ -23,7 +23,7 @@ import numpy as np
 import PIL.Image
 
 from pipeline.evaluation.efficiency import busy_note
-from pipeline.evaluation.report import efficiency_rows, fmt
+from pipeline.evaluation.report import efficiency_rows, fmt, vs_teacher
 from pipeline.evaluation.scoring import Gallery
 
 if TYPE_CHECKING:
@@ -171,9 +171,8 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _quality_html(metrics: dict[str, Any]) -> str:
     student, teacher = metrics["student"], metrics.get("teacher", {})
-    pct = metrics.get("pct_of_teacher", {})
     rows = [[key, fmt(v, 4 if "ndcg" in key else 2), fmt(teacher.get(key), 4 if "ndcg" in key else 2),
-             fmt(pct.get(key), 1)] for key, v in student.items()]
+             vs_teacher(metrics, key)] for key, v in student.items()]
     why = "".join(f"<p class=note>{_e(key)} has no value (–): {_e(text)}.</p>"
                   for key, text in metrics.get("unavailable", {}).items())
     return _table(["metric", "student", "teacher", "student % of teacher"], rows) + why
@@ -241,7 +240,8 @@ def write_html_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any],
         f"<code>{_e(cfg.teacher_cache)}</code>.</p>",
         "<h2>Retrieval quality</h2>", _quality_html(metrics),
         "<p class=note>Recall@K in percent; image→text counts a hit when any of the image's captions "
-        "is in the top K. Ties in similarity are broken by the lower row. The Markdown report "
+        "is in the top K. MedR (median rank of the first match) is lower-is-better: its last column "
+        "is the student's MedR as a multiple of the teacher's. Ties in similarity are broken by the lower row. The Markdown report "
         "beside this page has the full definitions.</p>",
         figure(recall_uri, "Recall@K curves"),
         "<h2>Training</h2>", figure(train_uri, "Training curves"),

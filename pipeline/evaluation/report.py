@@ -67,14 +67,21 @@ def fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def vs_teacher(metrics: dict[str, Any], key: str) -> str:
+    """The last column of the quality table: the student's share of the teacher in percent, or for
+    a lower-is-better metric (MedR) the student's value as a multiple of the teacher's."""
+    if key in metrics.get("times_teacher", {}):
+        return f"{fmt(metrics['times_teacher'][key], 2)}× teacher's (lower is better)"
+    return fmt(metrics.get("pct_of_teacher", {}).get(key), 1)
+
+
 def _quality_table(metrics: dict[str, Any]) -> list[str]:
     student, teacher = metrics["student"], metrics.get("teacher", {})
-    pct = metrics.get("pct_of_teacher", {})
     lines = ["| metric | student | teacher | student % of teacher |", "|---|---:|---:|---:|"]
     for key, value in student.items():
         digits = 4 if "ndcg" in key else 2
         lines.append(f"| {key} | {fmt(value, digits)} | {fmt(teacher.get(key), digits)} "
-                     f"| {fmt(pct.get(key), 1)} |")
+                     f"| {vs_teacher(metrics, key)} |")
     for key, why in metrics.get("unavailable", {}).items():
         lines += ["", f"{key} has no value (–): {why}."]
     return lines
@@ -134,8 +141,8 @@ def write_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any], examples:
         "## Retrieval quality", "", *_quality_table(metrics), "",
         f"Recall@K in percent (K = {ks}); image→text counts a hit when ANY of the image's captions "
         "is in the top K, text→image when the caption's image is. RSUM = sum of the Recall@K values "
-        "of both directions. MedR = median 1-based rank of the first positive (lower is better, so "
-        "its % of teacher above 100 means worse). Ties in similarity are broken by the lower row.",
+        "of both directions. MedR = median 1-based rank of the first positive (lower is better; its "
+        "last column is the student's MedR as a multiple of the teacher's, 1× = as good). Ties in similarity are broken by the lower row.",
         "", "## Efficiency", "", *_efficiency_table(metrics["efficiency"], cfg.latency_batch_sizes), "",
         f"Device `{device}`, {fmt(machine.get('torch_threads'))} torch threads of "
         f"{fmt(machine.get('cpus'))} CPUs, one process; load average while timing "

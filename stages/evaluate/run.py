@@ -25,7 +25,7 @@ from pipeline.evaluation.html_report import write_html_report
 from pipeline.evaluation.report import clean_numbers, write_json, write_recall_curves, write_report
 from pipeline.evaluation.scoring import (encode_split, gallery_images, join_rows, pct_of_teacher,
                                          qualitative_examples, retrieval_gallery, score_embeddings,
-                                         score_teacher, teacher_rows)
+                                         score_teacher, teacher_rows, times_teacher)
 from pipeline.progress import note
 from pipeline.stores.teacher import TeacherCache
 from pipeline.students import load_student
@@ -63,6 +63,7 @@ def _evaluate(cfg: EvalConfig, progress: bool | None) -> dict[str, Any]:
         teacher_scores = score_teacher(cache, rows, labels, cfg)
         metrics["teacher"] = teacher_scores.metrics
         metrics["pct_of_teacher"] = pct_of_teacher(student_scores.metrics, teacher_scores.metrics)
+        metrics["times_teacher"] = times_teacher(student_scores.metrics, teacher_scores.metrics)
         curves["teacher"] = teacher_scores.curves
     metrics["counts"] = {**student_scores.counts, "n_images_excluded": rows.n_images_excluded,
                          "n_texts_excluded": rows.n_texts_excluded}
