@@ -45,7 +45,9 @@ def with_executor(cfg: C, executor: str | None, workers: int | None, scheduler: 
 
 def print_json(data: Any) -> None:
     """Print a result as JSON on stdout (machine readable): the only thing commands write there."""
-    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    from pipeline.paths import portable  # paths inside the project print relative to it
+
+    typer.echo(json.dumps(portable(data), indent=2, sort_keys=True, default=str))
 
 
 def start_output(progress: bool | None) -> None:

@@ -70,6 +70,7 @@ def eval_setup(make_dataset, tiny_teacher, tmp_path: Path) -> EvalConfig:
         metrics_path=str(out / "metrics.json"), plots_dir=str(out / "plots"),
         report_path=str(out / "report.md"), html_path=str(out / "index.html"),
         gallery_captions=3, gallery_images=2, gallery_top=5,
+        teacher_efficiency_cache=str(tmp_path / ".cache/teacher_efficiency"),
     )
 
 
@@ -282,6 +283,50 @@ def test_a_second_evaluation_of_one_output_is_refused(eval_setup: EvalConfig):
     metrics = evaluate(replace(cfg, threads=1), progress=False)  # the holder died: lock taken over
     assert metrics["machine"]["torch_threads"] == 1 and torch.get_num_threads() == before
     assert "1 torch threads" in Path(cfg.report_path).read_text()
+
+
+def test_teacher_efficiency_is_measured_once_per_teacher_machine_and_settings(eval_setup: EvalConfig):
+    """A second evaluation reuses the teacher's figures (the same floats: not timed again) and says
+    so; other timing settings or another teacher are measured anew. The student is always timed."""
+    from pipeline.evaluation.kept_efficiency import teacher_efficiency_key
+    from pipeline.teachers import create_teacher
+
+    cfg = replace(eval_setup, measure_memory=False, n_examples=1)
+    kept = Path(cfg.teacher_efficiency_cache)
+    first = evaluate(cfg, progress=False)
+    assert len(list(kept.glob("*.json"))) == 1
+    assert "were reused" not in Path(cfg.report_path).read_text()
+    second = evaluate(cfg, progress=False)
+    assert second["efficiency"]["teacher"] == first["efficiency"]["teacher"]
+    assert second["efficiency"]["student"] != first["efficiency"]["student"]  # timed again
+    report = " ".join(Path(cfg.report_path).read_text().split())
+    assert "the teacher's efficiency figures (parameters, latency, memory) were reused from its measurement of" in report
+    assert "reused from its measurement" in Path(cfg.html_path).read_text()
+    evaluate(replace(cfg, latency_repeats=cfg.latency_repeats + 1), progress=False)
+    assert len(list(kept.glob("*.json"))) == 2
+    teachers = [create_teacher("open_clip", model_cfg=TINY_CLIP_CFG, pretrained=None, seed=s) for s in (0, 0, 1)]
+    keys = [teacher_efficiency_key(t, cfg, "cpu", ["a cat"]) for t in teachers]
+    assert keys[0] == keys[1] and keys[0] != keys[2]
+    assert keys[0] != teacher_efficiency_key(teachers[0], cfg, "cpu", ["a dog"])
+
+
+def test_reports_name_paths_relative_to_the_project(eval_setup: EvalConfig, tmp_path: Path, monkeypatch):
+    """Run from the project root with absolute paths inside it: no report names the machine's
+    folders; a path outside the project stays absolute."""
+    monkeypatch.chdir(tmp_path)
+    cfg = replace(eval_setup, measure_memory=False, n_examples=1)
+    evaluate(cfg, progress=False)
+    evaluate(cfg, progress=False)  # the second reuses the teacher's figures: a note naming a file
+    for path in (cfg.metrics_path, cfg.report_path, cfg.html_path):
+        assert str(tmp_path) not in Path(path).read_text(encoding="utf-8"), path
+    report = Path(cfg.report_path).read_text()
+    assert "Test split `data/test`" in report and "Student `student`" in report
+    assert "cache `caches/tiny/test.zarr`" in report and "(.cache/teacher_efficiency/" in report
+    from pipeline.paths import portable, project_path
+
+    assert project_path("/elsewhere/data") == "/elsewhere/data"
+    assert project_path(tmp_path / "a" / ".." / "b") == "b" and project_path("../x") == str(tmp_path.parent / "x")
+    assert portable({str(tmp_path / "k"): [str(tmp_path / "v"), "/elsewhere", 3]}) == {"k": ["v", "/elsewhere", 3]}
 
 
 def test_parameters_used_matches_the_student_tower_split():

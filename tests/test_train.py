@@ -23,7 +23,7 @@ from pipeline.data.writing import write_manifest, write_shards
 from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError, SampleDecodeError
 from pipeline.losses import LossTerm
 from pipeline.stores.base import ROW_INVALID, ROW_VALID
-from pipeline.stores.teacher import write_cache_from_arrays
+from pipeline.stores.teacher import TeacherCache, write_cache_from_arrays
 from pipeline.students import load_student
 from pipeline.training.loader import DistillStream, LoaderState, TrainItem, iter_batches
 from pipeline.training.schedule import lr_at
@@ -206,6 +206,18 @@ def test_resume_matches_straight_run(toy, tmp_path):
     assert [r["step"] for r in log_b] == [str(s) for s in range(1, 9)]
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
     assert resumed["skipped_count"] == straight["skipped_count"] == 1
+
+
+def test_summary_names_paths_relative_to_the_project(toy, tmp_path, monkeypatch):
+    """Run from the project root with absolute paths inside it: train_summary.json and the
+    printed summary name them relative to it (the stores read are keys of `caches`)."""
+    monkeypatch.chdir(toy["root"])
+    out = toy["root"] / f"model-{tmp_path.name}"
+    train(_cfg(toy, out, steps=2), progress=False)
+    text = (out / "train_summary.json").read_text()
+    assert str(toy["root"]) not in text
+    recorded = TeacherCache.open(toy["cache"]).teacher_fingerprint
+    assert json.loads(text)["caches"] == {"caches/train.zarr": recorded}
 
 
 def test_checkpoint_of_other_settings_is_discarded(toy, tmp_path, caplog):

@@ -27,6 +27,9 @@ class EvalConfig:
     latency_warmup: int = setting(2, minimum=0)  # untimed calls before timing (allocator, caches)
     latency_repeats: int = setting(5, minimum=1)  # timed calls; the median is reported
     measure_memory: bool = True                  # peak memory via a subprocess per model
+    teacher_efficiency_cache: str | None = ".cache/teacher_efficiency"  # the teacher's figures, kept
+                                                 # per teacher fingerprint, machine and timing
+                                                 # settings and reused; null = measure every time
     device: str = setting("cpu", pattern=DEVICE_PATTERN)  # "cpu", "cuda" or "auto"
     threads: int | None = setting(None, minimum=1)  # torch threads for encoding and timing; null = torch's
                                                  # default, one per core (the report records the count)

@@ -25,6 +25,7 @@ import PIL.Image
 from pipeline.evaluation.efficiency import busy_note
 from pipeline.evaluation.report import efficiency_rows, fmt, vs_teacher
 from pipeline.evaluation.scoring import Gallery
+from pipeline.paths import portable_text, project_path
 
 if TYPE_CHECKING:
     from pipeline.evaluation.config import EvalConfig
@@ -233,11 +234,11 @@ def write_html_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any],
         f"<p class=note>No {alt.lower()} to show.</p>")
     body = [
         "<h1>Evaluation report</h1>",
-        f"<p>Test split <code>{_e(cfg.dataset)}</code>: {fmt(counts.get('n_images'))} images and "
+        f"<p>Test split <code>{_e(project_path(cfg.dataset))}</code>: {fmt(counts.get('n_images'))} images and "
         f"{fmt(counts.get('n_texts'))} captions scored ({counts['n_images_excluded']} images and "
         f"{counts['n_texts_excluded']} captions excluded for both models). Student "
-        f"<code>{_e(cfg.student_dir)}</code>; teacher scored from its cache "
-        f"<code>{_e(cfg.teacher_cache)}</code>.</p>",
+        f"<code>{_e(project_path(cfg.student_dir))}</code>; teacher scored from its cache "
+        f"<code>{_e(project_path(cfg.teacher_cache) if cfg.teacher_cache else None)}</code>.</p>",
         "<h2>Retrieval quality</h2>", _quality_html(metrics),
         "<p class=note>Recall@K in percent; image→text counts a hit when any of the image's captions "
         "is in the top K. MedR (median rank of the first match) is lower-is-better: its last column "
@@ -254,7 +255,7 @@ def write_html_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any],
     ]
     notes = [n for n in notes if n != busy]  # shown beside the timings already
     if notes:
-        body += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"]
+        body += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{_e(portable_text(n))}</li>" for n in notes) + "</ul>"]
     page = ("<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content='width=device-width, initial-scale=1'>"
             f"<title>Evaluation report</title><style>{_STYLE}</style>"

@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline import metrics as M
 from pipeline.evaluation.efficiency import MEMORY_METHOD
+from pipeline.paths import portable, portable_text, project_path
 
 if TYPE_CHECKING:
     from pipeline.evaluation.config import EvalConfig
@@ -31,7 +32,7 @@ def clean_numbers(value: Any) -> Any:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as sorted, indented JSON, creating the parent folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean_numbers(data), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(portable(clean_numbers(data)), indent=2, sort_keys=True) + "\n")
 
 
 def write_recall_curves(plots_dir: Path, curves: dict[str, dict[str, np.ndarray]]) -> list[Path]:
@@ -133,11 +134,12 @@ def write_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any], examples:
     ks = ", ".join(str(k) for k in cfg.ks)
     lines = [
         "# Evaluation report", "",
-        f"Test split `{cfg.dataset}`: {fmt(counts.get('n_images'))} images and "
+        f"Test split `{project_path(cfg.dataset)}`: {fmt(counts.get('n_images'))} images and "
         f"{fmt(counts.get('n_texts'))} captions scored ({counts['n_images_excluded']} images and "
         f"{counts['n_texts_excluded']} captions excluded for both models: undecodable, invalid in "
         "the teacher cache, or caption of an excluded image).",
-        f"Student `{cfg.student_dir}`; teacher scored from its cache `{cfg.teacher_cache}`.", "",
+        f"Student `{project_path(cfg.student_dir)}`; teacher scored from its cache "
+        f"`{project_path(cfg.teacher_cache) if cfg.teacher_cache else None}`.", "",
         "## Retrieval quality", "", *_quality_table(metrics), "",
         f"Recall@K in percent (K = {ks}); image→text counts a hit when ANY of the image's captions "
         "is in the top K, text→image when the caption's image is. RSUM = sum of the Recall@K values "
@@ -157,7 +159,7 @@ def write_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any], examples:
         "## Relevance definitions", "", M.NDCG_DEFINITION, "",
     ]
     if notes:
-        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+        lines += ["## Notes", "", *[f"- {portable_text(n)}" for n in notes], ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 

@@ -37,6 +37,7 @@ from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.devices import resolve_device, torch_threads
 from pipeline.errors import CacheError, PipelineError
 from pipeline.fingerprint import fingerprint
+from pipeline.paths import portable
 from pipeline.losses import CombinedLoss, LossTerm, build_objective, check_requirements
 from pipeline.progress import progress_task
 from pipeline.students import Student, create_student, save_checkpoint
@@ -502,7 +503,7 @@ def _train(cfg: TrainConfig, progress: bool | None, stop_after: int | None,
         if finished:
             publish(run)
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        (run.out / "train_summary.json").write_text(json.dumps(portable(summary), indent=2, sort_keys=True) + "\n")
     barrier(world)  # the outputs exist before any rank returns
     return summary
 
