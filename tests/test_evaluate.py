@@ -329,6 +329,23 @@ def test_reports_name_paths_relative_to_the_project(eval_setup: EvalConfig, tmp_
     assert portable({str(tmp_path / "k"): [str(tmp_path / "v"), "/elsewhere", 3]}) == {"k": ["v", "/elsewhere", 3]}
 
 
+def test_student_alone_is_scored_beside_the_student(eval_setup: EvalConfig, tmp_path: Path):
+    """evaluate.alone_dir: a second checkpoint scored on the same rows, as it scores on its own."""
+    torch.manual_seed(2)
+    alone = tiny_student()
+    save_checkpoint(tmp_path / "alone/student.safetensors", alone, {}, alone.spec())
+    cfg = replace(eval_setup, alone_dir=str(tmp_path / "alone"), teacher=None, measure_memory=False,
+                  n_examples=1)
+    both = evaluate(cfg, progress=False)
+    header = "| metric | student | student alone | teacher | student % of teacher |"
+    report = Path(cfg.report_path).read_text()
+    assert header in report and "student alone" in Path(cfg.html_path).read_text()
+    assert f"| rsum | {both['student']['rsum']:.2f} | {both['alone']['rsum']:.2f} |" in report
+    assert "alone_i2t" in Path(cfg.plots_dir, "recall_at_k_wide.csv").read_text().splitlines()[0]
+    on_its_own = evaluate(replace(cfg, student_dir=cfg.alone_dir, alone_dir=None), progress=False)
+    assert both["alone"] == on_its_own["student"] and both["alone"] != both["student"]
+
+
 def test_parameters_used_matches_the_student_tower_split():
     student = tiny_student()
     pixels = torch.zeros(2, 3, 32, 32)

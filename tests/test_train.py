@@ -220,6 +220,23 @@ def test_summary_names_paths_relative_to_the_project(toy, tmp_path, monkeypatch)
     assert json.loads(text)["caches"] == {"caches/train.zarr": recorded}
 
 
+def test_alone_trains_the_same_student_with_its_own_loss_only(toy, tmp_path):
+    """`distill train --alone`: the distilled run's student, data, schedule and seed with the
+    contrastive loss alone and no role store: the same weights as that run written by hand."""
+    from stages.train.run import alone_config
+
+    distilled = _cfg(toy, tmp_path / "alone", steps=4, vision_teacher=str(toy["vision_cache"]))
+    summary = train(alone_config(distilled), progress=False)
+    assert [t["name"] for t in summary["losses"]] == ["contrastive"] and summary["recipe"] == "alone"
+    assert list(summary["caches"]) == [str(toy["cache"])]  # the rows only; no vision store opened
+    by_hand = dataclasses.replace(distilled, out_dir=str(tmp_path / "by_hand"), losses=(LossTerm("contrastive"),),
+                      vision_teacher=None)
+    train(by_hand, progress=False)
+    a = load_file(str(tmp_path / "alone" / "student.safetensors"))
+    b = load_file(str(tmp_path / "by_hand" / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_checkpoint_of_other_settings_is_discarded(toy, tmp_path, caplog):
     """An interrupted run's state never leaks into a run with other settings (nor blocks it)."""
     out = tmp_path / "run"

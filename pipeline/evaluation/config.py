@@ -14,6 +14,8 @@ class EvalConfig:
 
     dataset: str = "data/emoji/test"             # dataset directory of the test split
     student_dir: str = "models/student"          # holds student.json + student.safetensors
+    alone_dir: str | None = None                 # the same student trained without a teacher
+                                                 # (`distill train --alone`), scored beside it; null = none
     teacher_cache: str | None = "caches/demo_clip/test.zarr"  # same split; null = student only
     teacher: str | None = "demo_clip"            # registry name for efficiency; null = skip it
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_teacher

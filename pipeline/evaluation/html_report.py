@@ -23,7 +23,7 @@ import numpy as np
 import PIL.Image
 
 from pipeline.evaluation.efficiency import busy_note
-from pipeline.evaluation.report import efficiency_rows, fmt, vs_teacher
+from pipeline.evaluation.report import efficiency_rows, fmt, quality_rows
 from pipeline.evaluation.scoring import Gallery
 from pipeline.paths import portable_text, project_path
 
@@ -105,8 +105,9 @@ def recall_figure(curves: dict[str, dict[str, np.ndarray]]) -> str | None:
             for model, by_dir in curves.items():
                 curve = by_dir.get(direction)
                 if curve is not None and len(curve):
-                    ax.plot(np.arange(1, len(curve) + 1), curve, label=model,
-                            linestyle="-" if model == "student" else "--")
+                    ax.plot(np.arange(1, len(curve) + 1), curve,
+                            label="student alone" if model == "alone" else model,
+                            linestyle={"student": "-", "alone": ":"}.get(model, "--"))
             ax.set(title=title, xlabel="K", xscale="log", ylim=(0, 100))
             ax.grid(alpha=.3)
         axes[0].set_ylabel("Recall@K (%)")
@@ -171,12 +172,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _quality_html(metrics: dict[str, Any]) -> str:
-    student, teacher = metrics["student"], metrics.get("teacher", {})
-    rows = [[key, fmt(v, 4 if "ndcg" in key else 2), fmt(teacher.get(key), 4 if "ndcg" in key else 2),
-             vs_teacher(metrics, key)] for key, v in student.items()]
+    header, rows = quality_rows(metrics)
     why = "".join(f"<p class=note>{_e(key)} has no value (–): {_e(text)}.</p>"
                   for key, text in metrics.get("unavailable", {}).items())
-    return _table(["metric", "student", "teacher", "student % of teacher"], rows) + why
+    return _table(header, rows) + why
 
 
 def _efficiency_html(metrics: dict[str, Any], cfg: EvalConfig) -> str:
@@ -238,7 +237,9 @@ def write_html_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any],
         f"{fmt(counts.get('n_texts'))} captions scored ({counts['n_images_excluded']} images and "
         f"{counts['n_texts_excluded']} captions excluded for both models). Student "
         f"<code>{_e(project_path(cfg.student_dir))}</code>; teacher scored from its cache "
-        f"<code>{_e(project_path(cfg.teacher_cache) if cfg.teacher_cache else None)}</code>.</p>",
+        f"<code>{_e(project_path(cfg.teacher_cache) if cfg.teacher_cache else None)}</code>"
+        + (f"; student alone (the same student trained without a teacher) "
+           f"<code>{_e(project_path(cfg.alone_dir))}</code>" if cfg.alone_dir else "") + ".</p>",
         "<h2>Retrieval quality</h2>", _quality_html(metrics),
         "<p class=note>Recall@K in percent; image→text counts a hit when any of the image's captions "
         "is in the top K. MedR (median rank of the first match) is lower-is-better: its last column "

@@ -76,13 +76,24 @@ def vs_teacher(metrics: dict[str, Any], key: str) -> str:
     return fmt(metrics.get("pct_of_teacher", {}).get(key), 1)
 
 
-def _quality_table(metrics: dict[str, Any]) -> list[str]:
-    student, teacher = metrics["student"], metrics.get("teacher", {})
-    lines = ["| metric | student | teacher | student % of teacher |", "|---|---:|---:|---:|"]
+def quality_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the quality table: student, the student trained alone (when scored),
+    teacher, and the student against the teacher."""
+    student, teacher, alone = metrics["student"], metrics.get("teacher", {}), metrics.get("alone")
+    header = ["metric", "student", *(["student alone"] if alone is not None else []), "teacher",
+              "student % of teacher"]
+    rows = []
     for key, value in student.items():
         digits = 4 if "ndcg" in key else 2
-        lines.append(f"| {key} | {fmt(value, digits)} | {fmt(teacher.get(key), digits)} "
-                     f"| {vs_teacher(metrics, key)} |")
+        rows.append([key, fmt(value, digits), *([fmt(alone.get(key), digits)] if alone is not None else []),
+                     fmt(teacher.get(key), digits), vs_teacher(metrics, key)])
+    return header, rows
+
+
+def _quality_table(metrics: dict[str, Any]) -> list[str]:
+    header, rows = quality_rows(metrics)
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     for key, why in metrics.get("unavailable", {}).items():
         lines += ["", f"{key} has no value (–): {why}."]
     return lines
@@ -139,7 +150,9 @@ def write_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any], examples:
         f"{counts['n_texts_excluded']} captions excluded for both models: undecodable, invalid in "
         "the teacher cache, or caption of an excluded image).",
         f"Student `{project_path(cfg.student_dir)}`; teacher scored from its cache "
-        f"`{project_path(cfg.teacher_cache) if cfg.teacher_cache else None}`.", "",
+        f"`{project_path(cfg.teacher_cache) if cfg.teacher_cache else None}`"
+        + (f"; student alone (the same student trained without a teacher) `{project_path(cfg.alone_dir)}`"
+           if cfg.alone_dir else "") + ".", "",
         "## Retrieval quality", "", *_quality_table(metrics), "",
         f"Recall@K in percent (K = {ks}); image→text counts a hit when ANY of the image's captions "
         "is in the top K, text→image when the caption's image is. RSUM = sum of the Recall@K values "

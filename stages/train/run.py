@@ -22,7 +22,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -138,6 +138,16 @@ def load_train_config(params: str | Path | dict = "params.yaml") -> TrainConfig:
         recipe.pop("description")
         section.update(recipe)
     return from_dict(TrainConfig, section, "train")
+
+
+def alone_config(cfg: TrainConfig) -> TrainConfig:
+    """The same student, data, schedule and seed trained without a teacher: its own contrastive
+    loss only and no role stores. The cross-modal caches stay: they pick the same usable rows as
+    the distilled run, and no target is read from them."""
+    return replace(cfg, recipe="alone", losses=(LossTerm("contrastive"),), balancer=None,
+                   balancer_kwargs={}, hard_negative_fraction=0.0, vision_teacher=None,
+                   text_teacher=None, single_stream_teacher=None, neighbors=None, itm_scores=None,
+                   views="plain")
 
 
 @dataclass
