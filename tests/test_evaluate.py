@@ -285,12 +285,19 @@ def test_a_second_evaluation_of_one_output_is_refused(eval_setup: EvalConfig):
     assert "1 torch threads" in Path(cfg.report_path).read_text()
 
 
-def test_teacher_efficiency_is_measured_once_per_teacher_machine_and_settings(eval_setup: EvalConfig):
+def quiet_machine(monkeypatch, load: float = 0.5) -> None:
+    """The load average the evaluation sees (this shared machine's own varies with other work)."""
+    monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+
+
+def test_teacher_efficiency_is_measured_once_per_teacher_machine_and_settings(eval_setup: EvalConfig,
+                                                                               monkeypatch):
     """A second evaluation reuses the teacher's figures (the same floats: not timed again) and says
     so; other timing settings or another teacher are measured anew. The student is always timed."""
     from pipeline.evaluation.kept_efficiency import teacher_efficiency_key
     from pipeline.teachers import create_teacher
 
+    quiet_machine(monkeypatch)
     cfg = replace(eval_setup, measure_memory=False, n_examples=1)
     kept = Path(cfg.teacher_efficiency_cache)
     first = evaluate(cfg, progress=False)
@@ -310,9 +317,19 @@ def test_teacher_efficiency_is_measured_once_per_teacher_machine_and_settings(ev
     assert keys[0] != teacher_efficiency_key(teachers[0], cfg, "cpu", ["a dog"])
 
 
+def test_teacher_efficiency_of_a_busy_machine_is_not_kept(eval_setup: EvalConfig, monkeypatch):
+    quiet_machine(monkeypatch, load=9.0)  # more runnable work than CPUs: inflated timings
+    cfg = replace(eval_setup, teacher_efficiency_cache=str(Path(eval_setup.teacher_efficiency_cache) / "busy"),
+                  measure_memory=False, n_examples=1)
+    evaluate(cfg, progress=False)
+    assert not list(Path(cfg.teacher_efficiency_cache).glob("*.json"))
+    assert "the timings are inflated" in Path(cfg.report_path).read_text()
+
+
 def test_reports_name_paths_relative_to_the_project(eval_setup: EvalConfig, tmp_path: Path, monkeypatch):
     """Run from the project root with absolute paths inside it: no report names the machine's
     folders; a path outside the project stays absolute."""
+    quiet_machine(monkeypatch)
     monkeypatch.chdir(tmp_path)
     cfg = replace(eval_setup, measure_memory=False, n_examples=1)
     evaluate(cfg, progress=False)

@@ -285,14 +285,16 @@ def _measure(cfg: EvalConfig, student: Student, split: EncodedSplit, device: str
     kept = load_kept(cfg.teacher_efficiency_cache, key)
     if kept is not None:  # same teacher, machine and timing settings: nothing new to measure
         eff["teacher"] = kept["efficiency"]
-        notes.append(reuse_note({**kept, "path": project_path(kept["path"])}, os.cpu_count() or 1))
+        notes.append(reuse_note({**kept, "path": project_path(kept["path"])}))
         return eff
     load = machine_state()["load_1min"]
     eff["teacher"] = teacher_efficiency(teacher, images, captions, cfg, device)
     del teacher  # free it before the probe process allocates its own copy
     _with_memory(eff["teacher"], {**probe, "kind": "teacher", "teacher": cfg.teacher,
                                   "kwargs": cfg.teacher_kwargs}, cfg, notes)
+    load = max(load, machine_state()["load_1min"])
     if cfg.measure_memory and "peak_rss_mb" not in eff["teacher"]:
         return eff  # the probe failed: keep nothing, so the next evaluation tries again
-    keep(cfg.teacher_efficiency_cache, key, eff["teacher"], max(load, machine_state()["load_1min"]))
+    if load <= (os.cpu_count() or 1):  # timings of a busy machine are inflated: not worth keeping
+        keep(cfg.teacher_efficiency_cache, key, eff["teacher"], load)
     return eff

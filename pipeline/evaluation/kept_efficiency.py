@@ -12,7 +12,9 @@ output, so ``dvc repro`` does not delete them), and reused when the key matches:
 * the timing settings: batch sizes, warm-up and timed calls, whether memory is probed, and the
   captions timed (a text encoder with dynamic padding times longer captions longer).
 
-The report then says the teacher's figures were reused and when they were measured, at what load.
+Only figures measured on a quiet machine (1-minute load average at most the CPU count) are kept:
+a busy machine's timings are inflated, and the next evaluation measures again. The report then
+says the teacher's figures were reused and when they were measured, at what load.
 """
 from __future__ import annotations
 
@@ -96,12 +98,9 @@ def keep(cache_dir: str | Path | None, key: dict[str, Any], efficiency: dict[str
     tmp.replace(path)
 
 
-def reuse_note(record: dict[str, Any], cpus: int) -> str:
+def reuse_note(record: dict[str, Any]) -> str:
     """The report's sentence on reused teacher figures."""
-    load = record.get("load_1min")
-    busy = (" (busy then: its timings are inflated)"
-            if isinstance(load, (int, float)) and load > cpus else "")
     return (f"the teacher's efficiency figures (parameters, latency, memory) were reused from its "
-            f"measurement of {record['measured']} at load {load:.1f}{busy}: same teacher "
+            f"measurement of {record['measured']} at load {record['load_1min']:.1f}: same teacher "
             f"fingerprint, machine and timing settings ({record['path']}; delete it, or set "
             "evaluate.teacher_efficiency_cache to null, to measure again)")
