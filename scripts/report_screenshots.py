@@ -35,7 +35,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- demo-figures:start", "<!-- demo-figures:end -->"
 STAMP_KEY = "vlm-distill-metrics"  # PNG text chunk: fingerprint of the metrics a screenshot shows
-WIDTH, TOP_HEIGHT, GALLERY_HEIGHT = 900, 1240, 900
+WIDTH, TOP_HEIGHT, GALLERY_HEIGHT = 900, 1440, 900
+MARGIN = "<style>body { padding: 0 14px; }</style>"  # the page has none below its max width
 
 
 def metrics_fingerprint(metrics: dict[str, Any]) -> str:
@@ -106,8 +107,10 @@ def readme_block(record: dict[str, Any]) -> str:
             f"and {counts['n_texts']} captions, against the `{record['teacher']}` teacher it distils "
             "from; \"student alone\" is the same student, data and schedule without a teacher "
             "(stage `train_alone`):")
+    busy = machine.get("load_1min", 0) > machine.get("cpus", 1)
     tail = (f"(Latencies from that run: load average {machine.get('load_1min', float('nan')):.2f} on "
-            f"{machine.get('cpus')} CPUs.) Distillation takes the student from RSUM "
+            f"{machine.get('cpus')} CPUs" + ("; the machine was busy, so they are inflated" if busy else "")
+            + ".) Distillation takes the student from RSUM "
             f"{a.get('rsum', float('nan')):.1f} alone to {s['rsum']:.1f}: from {alone_pct or float('nan'):.0f} % "
             f"to {pct['rsum']:.0f} % of the teacher's {t.get('rsum', float('nan')):.1f}, with "
             f"{size_pct:.0f} % of its parameters"
@@ -200,11 +203,12 @@ def main() -> int:
     args.record.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     args.readme.write_text(replace_block(args.readme.read_text(), readme_block(record)))
     stamp = metrics_fingerprint(metrics)
-    page = args.eval_dir / "index.html"
-    screenshot(page, args.shots[0], TOP_HEIGHT, stamp)
+    html = (args.eval_dir / "index.html").read_text(encoding="utf-8").replace("</head>", MARGIN + "</head>", 1)
     with tempfile.TemporaryDirectory() as tmp:
-        gallery = Path(tmp) / "gallery.html"
-        gallery.write_text(gallery_page(page.read_text(encoding="utf-8")), encoding="utf-8")
+        top, gallery = Path(tmp) / "top.html", Path(tmp) / "gallery.html"
+        top.write_text(html, encoding="utf-8")
+        gallery.write_text(gallery_page(html), encoding="utf-8")
+        screenshot(top, args.shots[0], TOP_HEIGHT, stamp)
         screenshot(gallery, args.shots[1], GALLERY_HEIGHT, stamp)
     print(f"wrote {args.record}, the README's demo figures, {args.shots[0]} and {args.shots[1]}")
     return 0
