@@ -95,6 +95,7 @@ class ProgressLines:
         self.done, self.info, self.clock = self.resumed_at, "", clock
         self.start = self.last_time = clock()
         self.last_done = self.done
+        self.first: tuple[float, int] | None = None  # (time, count) at the first advance
         self._emit()
 
     def advance(self, n: int = 1, info: str = "") -> None:
@@ -102,6 +103,8 @@ class ProgressLines:
         self.done += n
         self.info = info or self.info
         now = self.clock()
+        if self.first is None:
+            self.first = (now, self.done)
         by_work = self.percent > 0 and self.total and self.done - self.last_done >= self.total * self.percent / 100
         if now - self.last_time >= self.seconds or by_work:
             self._emit(now)
@@ -111,12 +114,16 @@ class ProgressLines:
         if self.done != self.last_done or self.done == self.resumed_at:
             self._emit()
 
-    def eta(self, elapsed: float) -> float | None:
-        """Seconds left at the rate of the units done by this process; None before the first."""
-        done_here = self.done - self.resumed_at
-        if done_here <= 0 or not 0 < self.done < self.total:
+    def eta(self, now: float) -> float | None:
+        """Seconds left at this process's rate since its first advance (as rich's bar measures it:
+        the set-up and the first unit, which warm caches and start readers, are left out, and so
+        are the units of an earlier run); None until there is such a rate."""
+        if self.first is None or not self.done < self.total:
             return None
-        return elapsed * (self.total - self.done) / done_here
+        since, done_since = now - self.first[0], self.done - self.first[1]
+        if since <= 0 or done_since <= 0:
+            return None
+        return since * (self.total - self.done) / done_since
 
     def _emit(self, now: float | None = None) -> None:
         now = self.clock() if now is None else now
@@ -127,7 +134,7 @@ class ProgressLines:
         line += f" {elapsed:.0f} s elapsed"
         if self.resumed_at:
             line += f" since resuming at {self.resumed_at}"
-        eta = self.eta(elapsed)
+        eta = self.eta(now)
         if eta is not None:
             line += f", ETA {eta:.0f} s"
         if self.info:
