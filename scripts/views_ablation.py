@@ -128,8 +128,11 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--root", type=Path, default=Path("ablation/views"))
     parser.add_argument("--out", default="docs/views_ablation")
+    parser.add_argument("--epochs", type=float, default=30.0,
+                        help="train.epochs of every run (the published table: 30; the quick demo's params.yaml: 15)")
     args = parser.parse_args()
     base = yaml.safe_load(Path("params.yaml").read_text())
+    base["train"]["epochs"] = args.epochs
     root = args.root.resolve()
     stores = {}
     for views in (1, args.views):

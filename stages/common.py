@@ -17,8 +17,8 @@ from pipeline.registry import UnknownNameError
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameters file (params.yaml).")]
 ProgressOpt = Annotated[Optional[bool], typer.Option(
     "--progress/--no-progress", show_default=False,
-    help="Progress goes to stderr: by default a bar on a terminal, otherwise a plain line every "
-         "30 s or 5 % (DISTILL_PROGRESS_SECONDS / DISTILL_PROGRESS_PERCENT). --progress also "
+    help="Progress goes to stderr: by default a bar on a terminal, otherwise a plain line at "
+         "the start, at most every 30 s (DISTILL_PROGRESS_SECONDS) and at the end. --progress also "
          "shows libraries' own bars (downloads, weight loading); --no-progress shows none.")]
 ExecutorOpt = Annotated[Optional[str], typer.Option(
     help="Override <stage>.executor: inprocess, or dask (units as tasks of a Dask cluster).")]
@@ -45,7 +45,9 @@ def with_executor(cfg: C, executor: str | None, workers: int | None, scheduler: 
 
 def print_json(data: Any) -> None:
     """Print a result as JSON on stdout (machine readable): the only thing commands write there."""
-    typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    from pipeline.paths import portable  # paths inside the project print relative to it
+
+    typer.echo(json.dumps(portable(data), indent=2, sort_keys=True, default=str))
 
 
 def start_output(progress: bool | None) -> None:

@@ -168,8 +168,8 @@ def _compute_and_publish(job: StoreJob, executor: Any, progress: bool | None) ->
         if job.setup is not None:
             job.setup(scratch.dir)
         total = sum(u.rows for u in job.units)
-        with progress_task(job.label, total, progress) as advance:
-            advance(sum(u.rows for u in job.units if u.key in result.infos))
+        resumed_rows = sum(u.rows for u in job.units if u.key in result.infos)
+        with progress_task(job.label, total, progress, start=resumed_rows) as advance:
             _run_pending(job, executor, scratch, pending, result, advance)
         result.attempts = dict(Counter(p.name.split(".")[0] for p in attempts_dir.iterdir()))
         for name in job.stores:  # stores all of whose units an earlier run finished, or none

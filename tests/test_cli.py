@@ -42,6 +42,38 @@ def test_teach_info_verify_round_trip(make_dataset, tmp_path):
     assert verify.exit_code == 1 and "text_emb" in verify.output
 
 
+def test_verify_against_a_dataset_root_or_split_folder(make_dataset, tmp_path):
+    """--dataset takes the root (the store's split is picked) or a split folder; a store of
+    another split is called sound but not this split's, naming the stage that made it."""
+    root = make_dataset()
+    params = write_params(tmp_path / "params.yaml", root, tmp_path)
+    assert runner.invoke(app, ["teach", "tiny", "--params", str(params), "--no-progress"]).exit_code == 0
+    store = str(tmp_path / "caches/tiny/train.zarr")
+    for given, used in ((root, root / "train"), (root / "train", root / "train")):
+        result = runner.invoke(app, ["cache", "verify", store, "--quick", "--dataset", str(given)])
+        assert result.exit_code == 0, result.output
+        assert f"dataset: {used}" in result.output and "OK" in result.output
+    other = runner.invoke(app, ["cache", "verify", store, "--quick", "--dataset", str(root / "test")])
+    text = " ".join(other.output.split())
+    assert other.exit_code == 1
+    assert "the store belongs to another split or dataset: `distill teach` made it from split 'train'" in text
+    assert "is sound" in text and "rebuild" not in text
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    missing = runner.invoke(app, ["cache", "verify", store, "--dataset", str(empty)])
+    assert missing.exit_code == 1 and "Traceback" not in missing.output
+    assert f"{empty}: no manifest.json here nor in {empty / 'train'}/" in " ".join(missing.output.split())
+
+
+def test_made_by_names_the_stage_of_each_store_kind():
+    from pipeline.stores.inspect import made_by
+
+    assert made_by({"schema": "vlm-distill/teacher-cache", "teacher": {"teacher": "open_clip"}}) == "distill teach"
+    assert made_by({"schema": "vlm-distill/teacher-cache", "teacher": {"teacher": "aligned"}}) == "distill align"
+    assert made_by({"schema": "vlm-distill/neighbors"}) == "distill neighbors"
+    assert made_by({"schema": "vlm-distill/itm-scores"}) == "distill itm"
+
+
 def test_unknown_param_key_is_a_clean_error(make_dataset, tmp_path):
     params = write_params(tmp_path / "params.yaml", make_dataset(), tmp_path, batchsize=3)
     result = runner.invoke(app, ["teach", "tiny", "--params", str(params)])

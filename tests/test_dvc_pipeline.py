@@ -109,11 +109,15 @@ def project(tmp_path: Path) -> Path:
 
 
 def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
-    first = run(["dvc", "repro"], project)
+    first = run(["dvc", "repro", "evaluate"], project)  # `make demo`: what the report needs
     assert stages_run(first) == {"prepare", "teach@tiny_clip", "teach@tiny_vision", "teach@tiny_blip",
-                                 "align", "neighbors", "itm", "train", "evaluate",
-                                 "ground_prepare", "ground_teach", "ground_train", "ground_evaluate"}
+                                 "align", "neighbors", "itm", "train", "train_alone", "evaluate"}
+    grounding = run(["dvc", "repro"], project)  # the rest: the grounding demo
+    assert stages_run(grounding) == {"ground_prepare", "ground_teach", "ground_train", "ground_evaluate"}
     metrics = json.loads((project / "reports/eval/metrics.json").read_text())
+    assert set(metrics["alone"]) == set(metrics["student"])  # the student trained alone, beside it
+    alone = json.loads((project / "models/student_alone/train_summary.json").read_text())
+    assert [t["name"] for t in alone["losses"]] == ["contrastive"] and alone["teacher_forward_calls"] == 0
     assert json.loads((project / "models/student/train_summary.json").read_text())["teacher_forward_calls"] == 0
     assert (project / "caches/tiny_clip/train.zarr/zarr.json").exists()
     assert not (project / "caches/.scratch").exists()
@@ -124,7 +128,7 @@ def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["lr"] = 0.001
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(run(["dvc", "repro"], project)) == {"train", "evaluate"}
+    assert stages_run(run(["dvc", "repro"], project)) == {"train", "train_alone", "evaluate"}
 
     params["teach"]["batch_size"] = 5  # does not change the cached arrays: no teacher reruns
     params["grounding"]["teach"]["batch_size"] = 5
@@ -146,7 +150,7 @@ def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
     assert teach_report.read_text() == before
     assert "up to date" in run(["dvc", "status"], clone).lower()
 
-    # an ablation experiment switches the recipe: only train and evaluate run
+    # an ablation experiment switches the recipe: only train and evaluate run (not train_alone)
     exp = run(["dvc", "exp", "run", "-n", "mcad", "-S", "train.recipe=mcad"], project)
     assert stages_run(exp) == {"train", "evaluate"}
     summary = json.loads((project / "models/student/train_summary.json").read_text())

@@ -70,6 +70,7 @@ def eval_setup(make_dataset, tiny_teacher, tmp_path: Path) -> EvalConfig:
         metrics_path=str(out / "metrics.json"), plots_dir=str(out / "plots"),
         report_path=str(out / "report.md"), html_path=str(out / "index.html"),
         gallery_captions=3, gallery_images=2, gallery_top=5,
+        teacher_efficiency_cache=str(tmp_path / ".cache/teacher_efficiency"),
     )
 
 
@@ -114,11 +115,19 @@ def test_evaluate_end_to_end(eval_setup: EvalConfig):
 
     quality = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in KS] + [
         "rsum", "i2t_MedR", "t2i_MedR", "i2i_ndcg@10", "t2t_ndcg@10"]
-    for model in ("student", "teacher", "pct_of_teacher"):
+    for model in ("student", "teacher"):
         assert set(quality) <= set(written[model]), model
+    medr = {"i2t_MedR", "t2i_MedR"}  # lower is better: a multiple of the teacher's, not a percentage
+    assert set(written["pct_of_teacher"]) == set(quality) - medr
+    assert set(written["times_teacher"]) == medr
     for key in quality:
-        expected = 100 * written["student"][key] / written["teacher"][key]
-        assert written["pct_of_teacher"][key] == pytest.approx(expected)
+        ratio = written["student"][key] / written["teacher"][key]
+        if key in medr:
+            assert written["times_teacher"][key] == pytest.approx(ratio)
+        else:
+            assert written["pct_of_teacher"][key] == pytest.approx(100 * ratio)
+    report = Path(cfg.report_path).read_text()
+    assert f"{written['times_teacher']['i2t_MedR']:.2f}× teacher's (lower is better)" in report
     counts = written["counts"]
     assert (counts["n_images"], counts["n_texts"]) == (11, 22)
     assert (counts["n_images_excluded"], counts["n_texts_excluded"]) == (1, 2)
@@ -274,6 +283,84 @@ def test_a_second_evaluation_of_one_output_is_refused(eval_setup: EvalConfig):
     metrics = evaluate(replace(cfg, threads=1), progress=False)  # the holder died: lock taken over
     assert metrics["machine"]["torch_threads"] == 1 and torch.get_num_threads() == before
     assert "1 torch threads" in Path(cfg.report_path).read_text()
+
+
+def quiet_machine(monkeypatch, load: float = 0.5) -> None:
+    """The load average the evaluation sees (this shared machine's own varies with other work)."""
+    monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+
+
+def test_teacher_efficiency_is_measured_once_per_teacher_machine_and_settings(eval_setup: EvalConfig,
+                                                                               monkeypatch):
+    """A second evaluation reuses the teacher's figures (the same floats: not timed again) and says
+    so; other timing settings or another teacher are measured anew. The student is always timed."""
+    from pipeline.evaluation.kept_efficiency import teacher_efficiency_key
+    from pipeline.teachers import create_teacher
+
+    quiet_machine(monkeypatch)
+    cfg = replace(eval_setup, measure_memory=False, n_examples=1)
+    kept = Path(cfg.teacher_efficiency_cache)
+    first = evaluate(cfg, progress=False)
+    assert len(list(kept.glob("*.json"))) == 1
+    assert "were reused" not in Path(cfg.report_path).read_text()
+    second = evaluate(cfg, progress=False)
+    assert second["efficiency"]["teacher"] == first["efficiency"]["teacher"]
+    assert second["efficiency"]["student"] != first["efficiency"]["student"]  # timed again
+    report = " ".join(Path(cfg.report_path).read_text().split())
+    assert "the teacher's efficiency figures (parameters, latency, memory) were reused from its measurement of" in report
+    assert "reused from its measurement" in Path(cfg.html_path).read_text()
+    evaluate(replace(cfg, latency_repeats=cfg.latency_repeats + 1), progress=False)
+    assert len(list(kept.glob("*.json"))) == 2
+    teachers = [create_teacher("open_clip", model_cfg=TINY_CLIP_CFG, pretrained=None, seed=s) for s in (0, 0, 1)]
+    keys = [teacher_efficiency_key(t, cfg, "cpu", ["a cat"]) for t in teachers]
+    assert keys[0] == keys[1] and keys[0] != keys[2]
+    assert keys[0] != teacher_efficiency_key(teachers[0], cfg, "cpu", ["a dog"])
+
+
+def test_teacher_efficiency_of_a_busy_machine_is_not_kept(eval_setup: EvalConfig, monkeypatch):
+    quiet_machine(monkeypatch, load=9.0)  # more runnable work than CPUs: inflated timings
+    cfg = replace(eval_setup, teacher_efficiency_cache=str(Path(eval_setup.teacher_efficiency_cache) / "busy"),
+                  measure_memory=False, n_examples=1)
+    evaluate(cfg, progress=False)
+    assert not list(Path(cfg.teacher_efficiency_cache).glob("*.json"))
+    assert "the timings are inflated" in Path(cfg.report_path).read_text()
+
+
+def test_reports_name_paths_relative_to_the_project(eval_setup: EvalConfig, tmp_path: Path, monkeypatch):
+    """Run from the project root with absolute paths inside it: no report names the machine's
+    folders; a path outside the project stays absolute."""
+    quiet_machine(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    cfg = replace(eval_setup, measure_memory=False, n_examples=1)
+    evaluate(cfg, progress=False)
+    evaluate(cfg, progress=False)  # the second reuses the teacher's figures: a note naming a file
+    for path in (cfg.metrics_path, cfg.report_path, cfg.html_path):
+        assert str(tmp_path) not in Path(path).read_text(encoding="utf-8"), path
+    report = Path(cfg.report_path).read_text()
+    assert "Test split `data/test`" in report and "Student `student`" in report
+    assert "cache `caches/tiny/test.zarr`" in report and "(.cache/teacher_efficiency/" in report
+    from pipeline.paths import portable, project_path
+
+    assert project_path("/elsewhere/data") == "/elsewhere/data"
+    assert project_path(tmp_path / "a" / ".." / "b") == "b" and project_path("../x") == str(tmp_path.parent / "x")
+    assert portable({str(tmp_path / "k"): [str(tmp_path / "v"), "/elsewhere", 3]}) == {"k": ["v", "/elsewhere", 3]}
+
+
+def test_student_alone_is_scored_beside_the_student(eval_setup: EvalConfig, tmp_path: Path):
+    """evaluate.alone_dir: a second checkpoint scored on the same rows, as it scores on its own."""
+    torch.manual_seed(2)
+    alone = tiny_student()
+    save_checkpoint(tmp_path / "alone/student.safetensors", alone, {}, alone.spec())
+    cfg = replace(eval_setup, alone_dir=str(tmp_path / "alone"), teacher=None, measure_memory=False,
+                  n_examples=1)
+    both = evaluate(cfg, progress=False)
+    header = "| metric | student | student alone | teacher | student % of teacher |"
+    report = Path(cfg.report_path).read_text()
+    assert header in report and "student alone" in Path(cfg.html_path).read_text()
+    assert f"| rsum | {both['student']['rsum']:.2f} | {both['alone']['rsum']:.2f} |" in report
+    assert "alone_i2t" in Path(cfg.plots_dir, "recall_at_k_wide.csv").read_text().splitlines()[0]
+    on_its_own = evaluate(replace(cfg, student_dir=cfg.alone_dir, alone_dir=None), progress=False)
+    assert both["alone"] == on_its_own["student"] and both["alone"] != both["student"]
 
 
 def test_parameters_used_matches_the_student_tower_split():

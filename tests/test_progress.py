@@ -8,11 +8,14 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.progress import ProgressLines
+import pytest
+
+from pipeline.progress import ProgressLines, add_bar_task, make_progress
 from stages.cli import app
 from tests.test_cli import write_params
 from tests.test_evaluate import eval_setup  # noqa: F401  (fixture)
@@ -30,6 +33,16 @@ def plain(data) -> dict:
 def progress_lines(stderr: str, what: str) -> list[tuple[int, int]]:
     found = [LINE.match(line) for line in stderr.splitlines()]
     return [(int(m["done"]), int(m["total"])) for m in found if m and m["what"] == what]
+
+
+def test_a_short_job_prints_its_start_and_end_only():
+    """Off a terminal a job of a few seconds gets two lines, not one per 5 % of it."""
+    out = io.StringIO()
+    lines = ProgressLines("prepare: write shards", 2000, out)  # the defaults: 30 s, no percent
+    for _ in range(2000):
+        lines.advance()
+    lines.finish()
+    assert [LINE.match(t)["done"] for t in out.getvalue().splitlines()] == ["0", "2000"]
 
 
 def test_lines_every_percent_step_with_start_and_end():
@@ -51,6 +64,91 @@ def test_lines_at_a_steady_interval_of_time():
         lines.advance()
     lines.finish()  # the last line already said 3/1000: not repeated
     assert [LINE.match(t)["done"] for t in out.getvalue().splitlines()] == ["0", "1", "2", "3"]
+
+
+class FakeClock:
+    """A clock a test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+ETA = re.compile(r"(?P<done>\d+)/\d+ .* elapsed since resuming at (?P<start>\d+), ETA (?P<eta>\d+) s")
+
+
+def test_resumed_lines_name_the_step_and_count_only_this_runs_rate():
+    """550 of 690 steps done before the interruption, then 2 s per step: after 14 more steps the
+    ETA is 126 x 2 s (the earlier steps, done in no time by this process, do not count)."""
+    out, clock = io.StringIO(), FakeClock()
+    lines = ProgressLines("train s", 690, out, seconds=0, start=550, clock=clock)
+    for _ in range(14):
+        clock.now += 2.0
+        lines.advance()
+    first, last = out.getvalue().splitlines()[0], out.getvalue().splitlines()[-1]
+    assert first == "train s: 550/690 (79.7%) 0 s elapsed since resuming at 550"
+    m = ETA.search(last)
+    assert (m["done"], m["start"], m["eta"]) == ("564", "550", str(126 * 2))
+
+
+def test_resumed_bar_takes_its_rate_from_this_runs_steps():
+    """The terminal bar (rich): the steps of the earlier run are shown as done but do not speed up
+    the ETA."""
+    clock = FakeClock()
+    progress = make_progress(False, get_time=clock)
+    task_id = add_bar_task(progress, "train s", 690, start=550)
+    for _ in range(14):
+        clock.now += 2.0
+        progress.update(task_id, advance=1)
+    task = progress.tasks[0]
+    assert task.completed == 564 and "resumed at 550" in task.description
+    assert task.time_remaining == pytest.approx(126 * 2.0, rel=0.01)
+
+
+class StampedStream(io.StringIO):
+    """Records the time each progress line was written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stamps: list[tuple[float, str]] = []
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            self.stamps.append((time.monotonic(), line))
+        return super().write(text)
+
+
+def test_resumed_training_eta_matches_the_time_it_then_takes(toy, tmp_path, monkeypatch):  # noqa: F811
+    """An interrupted run resumed: the resumed run's lines say from which step, and the ETA five
+    steps in is within a factor 2 of the time the rest then took. The interrupted run trains for
+    real; the resumed one runs the real loop (batches, checkpoint, publish) around a steady
+    synthetic step of 0.3 s, so the check does not hang on this shared machine's load. The old
+    rule, which counted the earlier run's 8 steps as done by this process in no time, gave 0.38
+    of it."""
+    import stages.train.run as train_run
+
+    monkeypatch.setenv("DISTILL_PROGRESS_SECONDS", "0")
+    cfg = _cfg(toy, tmp_path / "model", steps=24, checkpoint_every=8)
+    first = train_run.train(cfg, progress=False, stop_after=10)  # the kill: last checkpoint at 8
+    assert first["finished"] is False
+    def steady_step(run, batch):
+        time.sleep(0.3)
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(train_run, "train_step", steady_step)
+    stream = StampedStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    summary = train_run.train(cfg, progress=None)
+    monkeypatch.undo()
+    assert summary["finished"] and summary["resumed_from"] == 8
+    stamped = [(t, line) for t, line in stream.stamps if line.startswith(f"train {cfg.student}:")]
+    assert stamped[0][1].startswith(f"train {cfg.student}: 8/24 (33.3%) 0 s elapsed since resuming at 8")
+    end = stamped[-1][0]
+    by_step = {int(m["done"]): (t, int(m["eta"])) for t, m in ((t, ETA.search(x)) for t, x in stamped) if m}
+    t, eta = by_step[13]  # five steps into the resumed run, eleven to go
+    assert 0.5 <= eta / (end - t) <= 2.0, (eta, end - t)
 
 
 def test_teach_stdout_is_the_json_summary_alone(make_dataset, tmp_path, monkeypatch):

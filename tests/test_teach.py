@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -132,7 +133,7 @@ class Interrupting(torch.nn.Module):
         return self.inner.encode_texts(texts)
 
 
-def test_interrupted_run_resumes_only_unfinished_units(make_dataset, tiny_teacher, tmp_path):
+def test_interrupted_run_resumes_only_unfinished_units(make_dataset, tiny_teacher, tmp_path, capsys):
     root = make_dataset(n_train=30, n_test=6)
     reference = teach_cfg(root, tmp_path, out_root=str(tmp_path / "ref"))
     full = run_teach(reference, "tiny", tiny_teacher, progress=False)
@@ -140,8 +141,12 @@ def test_interrupted_run_resumes_only_unfinished_units(make_dataset, tiny_teache
     with pytest.raises(KeyboardInterrupt):
         run_teach(cfg, "tiny", Interrupting(tiny_teacher, budget=4), progress=False)
     assert not (tmp_path / "caches/tiny").exists()  # nothing published half-done
-    resumed = run_teach(cfg, "tiny", tiny_teacher, progress=False)
+    capsys.readouterr()
+    resumed = run_teach(cfg, "tiny", tiny_teacher, progress=None)  # progress lines on stderr
     assert resumed["units_resumed"] >= 2
+    first_line = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("teach tiny:"))
+    done = re.match(r"teach tiny: (\d+)/", first_line)[1]  # the rows of the finished units
+    assert int(done) > 0 and first_line.endswith(f"elapsed since resuming at {done}")
     assert 0 < resumed["forward_calls"] < full["forward_calls"]
     assert tree_digest(tmp_path / "caches/tiny") == tree_digest(tmp_path / "ref/tiny")
     assert not (tmp_path / "caches/.scratch").exists()

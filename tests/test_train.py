@@ -23,7 +23,7 @@ from pipeline.data.writing import write_manifest, write_shards
 from pipeline.errors import CacheError, FingerprintMismatchError, PipelineError, SampleDecodeError
 from pipeline.losses import LossTerm
 from pipeline.stores.base import ROW_INVALID, ROW_VALID
-from pipeline.stores.teacher import write_cache_from_arrays
+from pipeline.stores.teacher import TeacherCache, write_cache_from_arrays
 from pipeline.students import load_student
 from pipeline.training.loader import DistillStream, LoaderState, TrainItem, iter_batches
 from pipeline.training.schedule import lr_at
@@ -206,6 +206,35 @@ def test_resume_matches_straight_run(toy, tmp_path):
     assert [r["step"] for r in log_b] == [str(s) for s in range(1, 9)]
     assert [r["loss"] for r in log_a] == [r["loss"] for r in log_b]
     assert resumed["skipped_count"] == straight["skipped_count"] == 1
+
+
+def test_summary_names_paths_relative_to_the_project(toy, tmp_path, monkeypatch):
+    """Run from the project root with absolute paths inside it: train_summary.json and the
+    printed summary name them relative to it (the stores read are keys of `caches`)."""
+    monkeypatch.chdir(toy["root"])
+    out = toy["root"] / f"model-{tmp_path.name}"
+    train(_cfg(toy, out, steps=2), progress=False)
+    text = (out / "train_summary.json").read_text()
+    assert str(toy["root"]) not in text
+    recorded = TeacherCache.open(toy["cache"]).teacher_fingerprint
+    assert json.loads(text)["caches"] == {"caches/train.zarr": recorded}
+
+
+def test_alone_trains_the_same_student_with_its_own_loss_only(toy, tmp_path):
+    """`distill train --alone`: the distilled run's student, data, schedule and seed with the
+    contrastive loss alone and no role store: the same weights as that run written by hand."""
+    from stages.train.run import alone_config
+
+    distilled = _cfg(toy, tmp_path / "alone", steps=4, vision_teacher=str(toy["vision_cache"]))
+    summary = train(alone_config(distilled), progress=False)
+    assert [t["name"] for t in summary["losses"]] == ["contrastive"] and summary["recipe"] == "alone"
+    assert list(summary["caches"]) == [str(toy["cache"])]  # the rows only; no vision store opened
+    by_hand = dataclasses.replace(distilled, out_dir=str(tmp_path / "by_hand"), losses=(LossTerm("contrastive"),),
+                      vision_teacher=None)
+    train(by_hand, progress=False)
+    a = load_file(str(tmp_path / "alone" / "student.safetensors"))
+    b = load_file(str(tmp_path / "by_hand" / "student.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_checkpoint_of_other_settings_is_discarded(toy, tmp_path, caplog):

@@ -14,6 +14,8 @@ class EvalConfig:
 
     dataset: str = "data/emoji/test"             # dataset directory of the test split
     student_dir: str = "models/student"          # holds student.json + student.safetensors
+    alone_dir: str | None = None                 # the same student trained without a teacher
+                                                 # (`distill train --alone`), scored beside it; null = none
     teacher_cache: str | None = "caches/demo_clip/test.zarr"  # same split; null = student only
     teacher: str | None = "demo_clip"            # registry name for efficiency; null = skip it
     teacher_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to create_teacher
@@ -27,6 +29,9 @@ class EvalConfig:
     latency_warmup: int = setting(2, minimum=0)  # untimed calls before timing (allocator, caches)
     latency_repeats: int = setting(5, minimum=1)  # timed calls; the median is reported
     measure_memory: bool = True                  # peak memory via a subprocess per model
+    teacher_efficiency_cache: str | None = ".cache/teacher_efficiency"  # the teacher's figures, kept
+                                                 # per teacher fingerprint, machine and timing
+                                                 # settings and reused; null = measure every time
     device: str = setting("cpu", pattern=DEVICE_PATTERN)  # "cpu", "cuda" or "auto"
     threads: int | None = setting(None, minimum=1)  # torch threads for encoding and timing; null = torch's
                                                  # default, one per core (the report records the count)

@@ -17,7 +17,9 @@ import PIL.Image
 import torch
 from torch.overrides import TorchFunctionMode
 
+from pipeline.evaluation.kept_efficiency import keep, load_kept, reuse_note, teacher_efficiency_key
 from pipeline.evaluation.scoring import EncodedSplit
+from pipeline.paths import project_path
 from pipeline.students import Student, load_student
 
 if TYPE_CHECKING:
@@ -279,8 +281,20 @@ def _measure(cfg: EvalConfig, student: Student, split: EncodedSplit, device: str
     if teacher is None:
         notes.append(why_not)
         return eff
+    key = teacher_efficiency_key(teacher, cfg, device, captions)
+    kept = load_kept(cfg.teacher_efficiency_cache, key)
+    if kept is not None:  # same teacher, machine and timing settings: nothing new to measure
+        eff["teacher"] = kept["efficiency"]
+        notes.append(reuse_note({**kept, "path": project_path(kept["path"])}))
+        return eff
+    load = machine_state()["load_1min"]
     eff["teacher"] = teacher_efficiency(teacher, images, captions, cfg, device)
     del teacher  # free it before the probe process allocates its own copy
     _with_memory(eff["teacher"], {**probe, "kind": "teacher", "teacher": cfg.teacher,
                                   "kwargs": cfg.teacher_kwargs}, cfg, notes)
+    load = max(load, machine_state()["load_1min"])
+    if cfg.measure_memory and "peak_rss_mb" not in eff["teacher"]:
+        return eff  # the probe failed: keep nothing, so the next evaluation tries again
+    if load <= (os.cpu_count() or 1):  # timings of a busy machine are inflated: not worth keeping
+        keep(cfg.teacher_efficiency_cache, key, eff["teacher"], load)
     return eff

@@ -23,8 +23,9 @@ import numpy as np
 import PIL.Image
 
 from pipeline.evaluation.efficiency import busy_note
-from pipeline.evaluation.report import efficiency_rows, fmt
+from pipeline.evaluation.report import efficiency_rows, fmt, quality_rows
 from pipeline.evaluation.scoring import Gallery
+from pipeline.paths import portable_text, project_path
 
 if TYPE_CHECKING:
     from pipeline.evaluation.config import EvalConfig
@@ -104,8 +105,9 @@ def recall_figure(curves: dict[str, dict[str, np.ndarray]]) -> str | None:
             for model, by_dir in curves.items():
                 curve = by_dir.get(direction)
                 if curve is not None and len(curve):
-                    ax.plot(np.arange(1, len(curve) + 1), curve, label=model,
-                            linestyle="-" if model == "student" else "--")
+                    ax.plot(np.arange(1, len(curve) + 1), curve,
+                            label="student alone" if model == "alone" else model,
+                            linestyle={"student": "-", "alone": ":"}.get(model, "--"))
             ax.set(title=title, xlabel="K", xscale="log", ylim=(0, 100))
             ax.grid(alpha=.3)
         axes[0].set_ylabel("Recall@K (%)")
@@ -170,13 +172,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _quality_html(metrics: dict[str, Any]) -> str:
-    student, teacher = metrics["student"], metrics.get("teacher", {})
-    pct = metrics.get("pct_of_teacher", {})
-    rows = [[key, fmt(v, 4 if "ndcg" in key else 2), fmt(teacher.get(key), 4 if "ndcg" in key else 2),
-             fmt(pct.get(key), 1)] for key, v in student.items()]
+    header, rows = quality_rows(metrics)
     why = "".join(f"<p class=note>{_e(key)} has no value (–): {_e(text)}.</p>"
                   for key, text in metrics.get("unavailable", {}).items())
-    return _table(["metric", "student", "teacher", "student % of teacher"], rows) + why
+    return _table(header, rows) + why
 
 
 def _efficiency_html(metrics: dict[str, Any], cfg: EvalConfig) -> str:
@@ -234,14 +233,17 @@ def write_html_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any],
         f"<p class=note>No {alt.lower()} to show.</p>")
     body = [
         "<h1>Evaluation report</h1>",
-        f"<p>Test split <code>{_e(cfg.dataset)}</code>: {fmt(counts.get('n_images'))} images and "
+        f"<p>Test split <code>{_e(project_path(cfg.dataset))}</code>: {fmt(counts.get('n_images'))} images and "
         f"{fmt(counts.get('n_texts'))} captions scored ({counts['n_images_excluded']} images and "
         f"{counts['n_texts_excluded']} captions excluded for both models). Student "
-        f"<code>{_e(cfg.student_dir)}</code>; teacher scored from its cache "
-        f"<code>{_e(cfg.teacher_cache)}</code>.</p>",
+        f"<code>{_e(project_path(cfg.student_dir))}</code>; teacher scored from its cache "
+        f"<code>{_e(project_path(cfg.teacher_cache) if cfg.teacher_cache else None)}</code>"
+        + (f"; student alone (the same student trained without a teacher) "
+           f"<code>{_e(project_path(cfg.alone_dir))}</code>" if cfg.alone_dir else "") + ".</p>",
         "<h2>Retrieval quality</h2>", _quality_html(metrics),
         "<p class=note>Recall@K in percent; image→text counts a hit when any of the image's captions "
-        "is in the top K. Ties in similarity are broken by the lower row. The Markdown report "
+        "is in the top K. MedR (median rank of the first match) is lower-is-better: its last column "
+        "is the student's MedR as a multiple of the teacher's. Ties in similarity are broken by the lower row. The Markdown report "
         "beside this page has the full definitions.</p>",
         figure(recall_uri, "Recall@K curves"),
         "<h2>Training</h2>", figure(train_uri, "Training curves"),
@@ -254,7 +256,7 @@ def write_html_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any],
     ]
     notes = [n for n in notes if n != busy]  # shown beside the timings already
     if notes:
-        body += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"]
+        body += ["<h2>Notes</h2>", "<ul>" + "".join(f"<li>{_e(portable_text(n))}</li>" for n in notes) + "</ul>"]
     page = ("<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
             "<meta name=viewport content='width=device-width, initial-scale=1'>"
             f"<title>Evaluation report</title><style>{_STYLE}</style>"

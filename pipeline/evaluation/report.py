@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline import metrics as M
 from pipeline.evaluation.efficiency import MEMORY_METHOD
+from pipeline.paths import portable, portable_text, project_path
 
 if TYPE_CHECKING:
     from pipeline.evaluation.config import EvalConfig
@@ -31,7 +32,7 @@ def clean_numbers(value: Any) -> Any:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as sorted, indented JSON, creating the parent folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(clean_numbers(data), indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps(portable(clean_numbers(data)), indent=2, sort_keys=True) + "\n")
 
 
 def write_recall_curves(plots_dir: Path, curves: dict[str, dict[str, np.ndarray]]) -> list[Path]:
@@ -67,14 +68,32 @@ def fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
-def _quality_table(metrics: dict[str, Any]) -> list[str]:
-    student, teacher = metrics["student"], metrics.get("teacher", {})
-    pct = metrics.get("pct_of_teacher", {})
-    lines = ["| metric | student | teacher | student % of teacher |", "|---|---:|---:|---:|"]
+def vs_teacher(metrics: dict[str, Any], key: str) -> str:
+    """The last column of the quality table: the student's share of the teacher in percent, or for
+    a lower-is-better metric (MedR) the student's value as a multiple of the teacher's."""
+    if key in metrics.get("times_teacher", {}):
+        return f"{fmt(metrics['times_teacher'][key], 2)}× teacher's (lower is better)"
+    return fmt(metrics.get("pct_of_teacher", {}).get(key), 1)
+
+
+def quality_rows(metrics: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the quality table: student, the student trained alone (when scored),
+    teacher, and the student against the teacher."""
+    student, teacher, alone = metrics["student"], metrics.get("teacher", {}), metrics.get("alone")
+    header = ["metric", "student", *(["student alone"] if alone is not None else []), "teacher",
+              "student % of teacher"]
+    rows = []
     for key, value in student.items():
         digits = 4 if "ndcg" in key else 2
-        lines.append(f"| {key} | {fmt(value, digits)} | {fmt(teacher.get(key), digits)} "
-                     f"| {fmt(pct.get(key), 1)} |")
+        rows.append([key, fmt(value, digits), *([fmt(alone.get(key), digits)] if alone is not None else []),
+                     fmt(teacher.get(key), digits), vs_teacher(metrics, key)])
+    return header, rows
+
+
+def _quality_table(metrics: dict[str, Any]) -> list[str]:
+    header, rows = quality_rows(metrics)
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     for key, why in metrics.get("unavailable", {}).items():
         lines += ["", f"{key} has no value (–): {why}."]
     return lines
@@ -126,16 +145,19 @@ def write_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any], examples:
     ks = ", ".join(str(k) for k in cfg.ks)
     lines = [
         "# Evaluation report", "",
-        f"Test split `{cfg.dataset}`: {fmt(counts.get('n_images'))} images and "
+        f"Test split `{project_path(cfg.dataset)}`: {fmt(counts.get('n_images'))} images and "
         f"{fmt(counts.get('n_texts'))} captions scored ({counts['n_images_excluded']} images and "
         f"{counts['n_texts_excluded']} captions excluded for both models: undecodable, invalid in "
         "the teacher cache, or caption of an excluded image).",
-        f"Student `{cfg.student_dir}`; teacher scored from its cache `{cfg.teacher_cache}`.", "",
+        f"Student `{project_path(cfg.student_dir)}`; teacher scored from its cache "
+        f"`{project_path(cfg.teacher_cache) if cfg.teacher_cache else None}`"
+        + (f"; student alone (the same student trained without a teacher) `{project_path(cfg.alone_dir)}`"
+           if cfg.alone_dir else "") + ".", "",
         "## Retrieval quality", "", *_quality_table(metrics), "",
         f"Recall@K in percent (K = {ks}); image→text counts a hit when ANY of the image's captions "
         "is in the top K, text→image when the caption's image is. RSUM = sum of the Recall@K values "
-        "of both directions. MedR = median 1-based rank of the first positive (lower is better, so "
-        "its % of teacher above 100 means worse). Ties in similarity are broken by the lower row.",
+        "of both directions. MedR = median 1-based rank of the first positive (lower is better; its "
+        "last column is the student's MedR as a multiple of the teacher's, 1× = as good). Ties in similarity are broken by the lower row.",
         "", "## Efficiency", "", *_efficiency_table(metrics["efficiency"], cfg.latency_batch_sizes), "",
         f"Device `{device}`, {fmt(machine.get('torch_threads'))} torch threads of "
         f"{fmt(machine.get('cpus'))} CPUs, one process; load average while timing "
@@ -150,7 +172,7 @@ def write_report(path: Path, cfg: EvalConfig, metrics: dict[str, Any], examples:
         "## Relevance definitions", "", M.NDCG_DEFINITION, "",
     ]
     if notes:
-        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+        lines += ["## Notes", "", *[f"- {portable_text(n)}" for n in notes], ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 

@@ -208,10 +208,27 @@ def score_embeddings(image_emb: np.ndarray | None, text_emb: np.ndarray | None,
     return Scores(out, counts, curves, unavailable)
 
 
+def lower_is_better(key: str) -> bool:
+    """Metrics where a smaller value is better (median ranks)."""
+    return key.endswith("_MedR")
+
+
 def pct_of_teacher(student: dict[str, float], teacher: dict[str, float]) -> dict[str, float]:
-    """100 * student / teacher for every metric both have (MedR: lower is better, so >100 is worse)."""
+    """100 * student / teacher for every higher-is-better metric both have (MedR is left to
+    :func:`times_teacher`: a percentage above 100 would read as better)."""
     return {k: 100.0 * v / teacher[k] for k, v in student.items()
-            if k in teacher and _finite(v) and _finite(teacher[k]) and teacher[k] != 0}
+            if not lower_is_better(k) and _comparable(v, teacher.get(k))}
+
+
+def times_teacher(student: dict[str, float], teacher: dict[str, float]) -> dict[str, float]:
+    """student / teacher for the lower-is-better metrics (MedR): 1 = as good, 9.5 = a median
+    rank 9.5 times the teacher's."""
+    return {k: v / teacher[k] for k, v in student.items()
+            if lower_is_better(k) and _comparable(v, teacher.get(k))}
+
+
+def _comparable(student: Any, teacher: Any) -> bool:
+    return _finite(student) and _finite(teacher) and teacher != 0
 
 
 def _finite(x: Any) -> bool:

@@ -56,18 +56,64 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
+# The stage that writes each kind of store (a teacher store of the `aligned` teacher is made by align).
+_MADE_BY = {"vlm-distill/teacher-cache": "teach", "vlm-distill/neighbors": "neighbors",
+            "vlm-distill/itm-scores": "itm"}
+
+
+def made_by(attrs: dict[str, Any]) -> str:
+    """The ``distill`` command that wrote a store with these attributes, e.g. ``distill align``."""
+    teacher = attrs.get("teacher")
+    if isinstance(teacher, dict) and teacher.get("teacher") == "aligned":
+        return "distill align"
+    return f"distill {_MADE_BY.get(str(attrs.get('schema')), 'teach')}"
+
+
+def store_attrs(path: str | Path) -> dict[str, Any]:
+    """The root attributes of a store (no checks); ``CacheError`` when no store is there."""
+    return dict(_open(Path(path)).attrs)
+
+
+def split_folder(dataset: str | Path, attrs: dict[str, Any]) -> Path:
+    """The dataset folder a store's rows must come from: ``dataset`` itself when it holds a
+    manifest (a split folder), else its sub-folder of the store's split (a dataset root, as
+    ``teach.dataset`` names it). ``ShardError`` naming both places when neither holds one."""
+    from pipeline.errors import ShardError
+
+    root = Path(dataset)
+    if (root / "manifest.json").is_file():
+        return root
+    split = attrs.get("split")
+    if split and (root / str(split) / "manifest.json").is_file():
+        return root / str(split)
+    where = f" nor in {root / str(split)}/" if split else ""
+    raise ShardError(f"{root}: no manifest.json here{where}; --dataset takes a prepared dataset's "
+                     f"root or one split folder of it (e.g. {root / str(split or 'train')}), as "
+                     "`distill prepare` writes them")
+
+
 @dataclass
 class VerifyReport:
-    """Faults found by :func:`verify_cache`; empty ``faults`` means the store is sound."""
+    """Faults found by :func:`verify_cache`; empty ``faults`` means the store is sound.
+
+    ``mismatches``: the faults that say the store belongs to another dataset, split or teacher
+    than the one expected (also in ``faults``); when they are the only ones the store itself is
+    sound and rebuilding it would change nothing."""
 
     path: Path
     faults: list[str] = field(default_factory=list)
     checked: list[str] = field(default_factory=list)
     attrs: dict[str, Any] = field(default_factory=dict)
+    mismatches: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.faults
+
+    @property
+    def only_mismatched(self) -> bool:
+        """Sound, but made from another dataset, split or teacher than expected."""
+        return bool(self.faults) and len(self.faults) == len(self.mismatches)
 
     def add(self, check: str, faults: list[str]) -> None:
         """Record that ``check`` ran and the faults it found."""
@@ -93,8 +139,8 @@ def verify_cache(path: str | Path, deep: bool = True, expect_dataset: str | None
         report.faults.append(f"schema: {exc}")
         return report
     report.add("schema", [] if attrs.get("complete") else ["store is marked incomplete"])
-    report.add("fingerprints", fingerprint_faults(attrs) + _expectation_faults(
-        attrs, expect_dataset, expect_teacher))
+    report.mismatches = _expectation_faults(attrs, expect_dataset, expect_teacher)
+    report.add("fingerprints", fingerprint_faults(attrs) + report.mismatches)
     report.add("attributes", attribute_faults(attrs, group))
     report.add("layout", layout_faults(attrs, group))
     report.add("shard files", shard_file_faults(path, group) + _temporaries(path))
@@ -117,7 +163,10 @@ def _expectation_faults(attrs: dict[str, Any], dataset: str | None, teacher: str
     for what, key, expected in (("dataset", "dataset_fingerprint", dataset),
                                 ("teacher", teacher_key, teacher)):
         if expected is not None and attrs.get(key) != expected:
-            faults.append(f"{what} fingerprint mismatch: expected {expected}, found {attrs.get(key)}")
+            whose = "split or dataset" if what == "dataset" else "teacher"
+            faults.append(f"{what} fingerprint mismatch: expected {expected}, found {attrs.get(key)} "
+                          f"(the store belongs to another {whose}: `{made_by(attrs)}` made it "
+                          f"from split {attrs.get('split')!r})")
     return faults
 
 

@@ -38,6 +38,7 @@ from pipeline.config import check_settings, setting
 from pipeline.devices import torch_threads
 from pipeline.errors import CacheError, ConfigError
 from pipeline.fingerprint import fingerprint
+from pipeline.paths import portable
 from pipeline.progress import note
 from pipeline.stores import StoreSpec
 from pipeline.stores import teacher as teacher_format
@@ -519,7 +520,7 @@ def run_align(cfg: AlignConfig, entries: dict[str, Any] | None = None,
         summary_dir = Path(cfg.summary_dir)
         summary_dir.mkdir(parents=True, exist_ok=True)
         (summary_dir / f"{cfg.name}.json").write_text(
-            json.dumps(summary | {"history": info["history"]}, indent=2, sort_keys=True) + "\n")
+            json.dumps(portable(summary | {"history": info["history"]}), indent=2, sort_keys=True) + "\n")
         return summary
 
 

@@ -54,13 +54,18 @@ def info(path: PathArg,
 def verify(path: PathArg,
            quick: Annotated[bool, typer.Option(help="Only schema, layout, shard files and row status (skip reading every chunk).")] = False,
            dataset: Annotated[Optional[Path], typer.Option(
-               help="A split's dataset folder (with manifest.json): the store must be built from it.")] = None) -> None:
+               help="The dataset the store must be built from: its root (as teach.dataset names it; "
+                    "the store's split is picked) or one split folder (with manifest.json).")] = None) -> None:
     """Check schema, fingerprints, shard files, checksums of every chunk, rows and finiteness; exit 1 on any fault."""
     from pipeline.data.manifest import load_manifest
-    from pipeline.stores.inspect import verify_cache
+    from pipeline.stores.inspect import made_by, split_folder, store_attrs, verify_cache
 
-    with reported_errors():
-        expect = load_manifest(dataset).fingerprint if dataset is not None else None
+    expect = None
+    if dataset is not None:
+        with reported_errors():
+            dataset = split_folder(dataset, store_attrs(path))
+            expect = load_manifest(dataset).fingerprint
+        console.print(f"dataset: {dataset}", highlight=False, soft_wrap=True)
     report = verify_cache(path, deep=not quick, expect_dataset=expect)
     attrs = report.attrs
     for key in ("schema", "split", "teacher_fingerprint", "source_teacher_fingerprint", "dataset_fingerprint"):
@@ -72,7 +77,13 @@ def verify(path: PathArg,
         console.print(f"[green]OK[/] {path}: checked {', '.join(report.checked)}", highlight=False,
                       soft_wrap=True)
         return
+    if report.only_mismatched:
+        console.print(f"[bold red]not this dataset's store[/]: {path} is sound, but `{made_by(attrs)}` "
+                      f"made it from split {attrs.get('split')!r} of another dataset or split than "
+                      f"{dataset}; check it against the dataset it was made from (the root, or its "
+                      f"{attrs.get('split')!r} folder).", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
     console.print(f"[bold red]{len(report.faults)} fault(s)[/] in {path}: rebuild it with the stage "
-                  "that made it (`distill teach`, `distill neighbors`, or `dvc repro`), or restore "
-                  "it with `dvc checkout`/`dvc pull`.", highlight=False, soft_wrap=True)
+                  f"that made it (`{made_by(attrs)}`, or `dvc repro`), or restore it with "
+                  "`dvc checkout`/`dvc pull`.", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)

@@ -17,15 +17,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.manifest import load_manifest
+from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.devices import resolve_device, torch_threads
 from pipeline.evaluation.config import EvalConfig
 from pipeline.evaluation.efficiency import measure_efficiency
 from pipeline.evaluation.html_report import write_html_report
 from pipeline.evaluation.report import clean_numbers, write_json, write_recall_curves, write_report
-from pipeline.evaluation.scoring import (encode_split, gallery_images, join_rows, pct_of_teacher,
+from pipeline.evaluation.scoring import (EvalRows, Scores, encode_split, gallery_images, join_rows, pct_of_teacher,
                                          qualitative_examples, retrieval_gallery, score_embeddings,
-                                         score_teacher, teacher_rows)
+                                         score_teacher, teacher_rows, times_teacher)
 from pipeline.progress import note
 from pipeline.stores.teacher import TeacherCache
 from pipeline.students import load_student
@@ -63,7 +63,12 @@ def _evaluate(cfg: EvalConfig, progress: bool | None) -> dict[str, Any]:
         teacher_scores = score_teacher(cache, rows, labels, cfg)
         metrics["teacher"] = teacher_scores.metrics
         metrics["pct_of_teacher"] = pct_of_teacher(student_scores.metrics, teacher_scores.metrics)
+        metrics["times_teacher"] = times_teacher(student_scores.metrics, teacher_scores.metrics)
         curves["teacher"] = teacher_scores.curves
+    if cfg.alone_dir:  # what distillation adds: the same student trained without a teacher
+        alone_scores = score_alone(cfg, manifest, rows, labels, device, progress)
+        metrics["alone"] = alone_scores.metrics
+        curves["alone"] = alone_scores.curves
     metrics["counts"] = {**student_scores.counts, "n_images_excluded": rows.n_images_excluded,
                          "n_texts_excluded": rows.n_texts_excluded}
     notes: list[str] = []
@@ -79,3 +84,12 @@ def _evaluate(cfg: EvalConfig, progress: bool | None) -> dict[str, Any]:
     write_html_report(Path(cfg.html_path), cfg, metrics, curves, gallery,
                       gallery_images(manifest, gallery), notes, device)
     return metrics
+
+
+def score_alone(cfg: EvalConfig, manifest: Manifest, rows: EvalRows, labels: list[str | None],
+                device: str, progress: bool | None) -> Scores:
+    """Scores of the student trained alone (``cfg.alone_dir``) on the same rows as the student."""
+    alone = load_student(Path(cfg.alone_dir)).to(device).eval()
+    split = encode_split(alone, manifest, cfg.encode_batch_size, device, progress)
+    return score_embeddings(split.image_emb[rows.image_rows], split.text_emb[rows.text_rows],
+                            rows.text_to_image, labels, cfg)

@@ -23,6 +23,7 @@ from pipeline.grounding.boxes import accuracy_at, box_iou, cxcywh_to_xyxy
 from pipeline.grounding.data import GroundingSplit, load_split
 from pipeline.grounding.model import TransVGStudent, load_grounder
 from pipeline.grounding.report import draw_examples, pick_examples, write_report
+from pipeline.paths import project_path
 from stages.ground.train import predict, preprocess_split
 
 
@@ -91,7 +92,7 @@ def evaluate_grounding(cfg: GroundEvalConfig) -> dict[str, Any]:
     pred = predict(model, pixels, tokens, split.image_index, cfg.batch_size)
     metrics = score(pred, split.boxes, split.types)
     metrics["efficiency"] = efficiency(model, pixels, tokens, cfg, device)
-    metrics.update(dataset=str(cfg.dataset), dataset_fingerprint=manifest.fingerprint,
+    metrics.update(dataset=project_path(cfg.dataset), dataset_fingerprint=manifest.fingerprint,
                    student=model.spec(), device=device)
     examples = pick_examples(split, pred, cfg.n_examples)
     figures = draw_examples(split, pred, examples, Path(cfg.figures_dir))

@@ -33,6 +33,7 @@ from pipeline.data.shards import iter_samples
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import fingerprint
 from pipeline.iterate import batched, prefetch
+from pipeline.paths import portable
 from pipeline.stores import StoreSpec
 from pipeline.stores import itm as itm_format
 from pipeline.stores.base import ROW_INVALID, ROW_VALID, Layout
@@ -239,5 +240,5 @@ def _summary(cfg: ItmConfig, dual: str, job: StoreJob, result: RunResult, second
     }
     summary_dir = Path(cfg.summary_dir)
     summary_dir.mkdir(parents=True, exist_ok=True)
-    (summary_dir / f"{dual}.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (summary_dir / f"{dual}.json").write_text(json.dumps(portable(summary), indent=2, sort_keys=True) + "\n")
     return summary

@@ -33,6 +33,7 @@ from pipeline.devices import torch_threads
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.fingerprint import fingerprint
 from pipeline.iterate import batched, prefetch
+from pipeline.paths import portable
 from pipeline.stores import StoreSpec
 from pipeline.stores import teacher as teacher_format
 from pipeline.stores.base import ROW_INVALID, ROW_VALID, Layout
@@ -446,5 +447,5 @@ def _summary(cfg: TeachConfig, name: str, job: StoreJob, result: RunResult,
     }
     summary_dir = Path(cfg.summary_dir)
     summary_dir.mkdir(parents=True, exist_ok=True)
-    (summary_dir / f"{name}.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (summary_dir / f"{name}.json").write_text(json.dumps(portable(summary), indent=2, sort_keys=True) + "\n")
     return summary

@@ -22,7 +22,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +37,7 @@ from pipeline.data.manifest import Manifest, load_manifest
 from pipeline.devices import resolve_device, torch_threads
 from pipeline.errors import CacheError, ConfigError, PipelineError
 from pipeline.fingerprint import fingerprint
+from pipeline.paths import portable
 from pipeline.losses import CombinedLoss, LossTerm, build_objective, check_requirements
 from pipeline.progress import progress_task
 from pipeline.students import Student, create_student, save_checkpoint
@@ -165,6 +166,16 @@ def load_train_config(params: str | Path | dict = "params.yaml") -> TrainConfig:
                               "{heads: models/align/aligned}} for the teacher `distill align` made)")
         section["init"] = init | {"teacher": teachers[name]}
     return from_dict(TrainConfig, section, "train")
+
+
+def alone_config(cfg: TrainConfig) -> TrainConfig:
+    """The same student, data, schedule and seed trained without a teacher: its own contrastive
+    loss only and no role stores. The cross-modal caches stay: they pick the same usable rows as
+    the distilled run, and no target is read from them."""
+    return replace(cfg, recipe="alone", losses=(LossTerm("contrastive"),), balancer=None,
+                   balancer_kwargs={}, hard_negative_fraction=0.0, vision_teacher=None,
+                   text_teacher=None, single_stream_teacher=None, neighbors=None, itm_scores=None,
+                   views="plain")
 
 
 @dataclass
@@ -528,8 +539,7 @@ def _train(cfg: TrainConfig, progress: bool | None, stop_after: int | None,
            if world.main else NoLog())
     start, t_loop = run.step, time.perf_counter()
     try:
-        with progress_task(f"train {cfg.student}", run.total_steps, progress) as advance:
-            advance(start)
+        with progress_task(f"train {cfg.student}", run.total_steps, progress, start=start) as advance:
             last = _loop(run, log, advance, stop_after)
     except BaseException:
         log.close()
@@ -551,7 +561,7 @@ def _train(cfg: TrainConfig, progress: bool | None, stop_after: int | None,
         if finished:
             publish(run)
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        (run.out / "train_summary.json").write_text(json.dumps(portable(summary), indent=2, sort_keys=True) + "\n")
     barrier(world)  # the outputs exist before any rank returns
     return summary
 
