@@ -6,8 +6,9 @@
 The store: ``--rows`` images with one caption each, written as a teacher store under ``--work``
 (float16, the project's writer). Embeddings are clustered as real ones are: ``--clusters``
 random unit centres; image row = normalise(centre + noise), the noise as long as the centre
-(so two images of a cluster have cosine about 0.5 and their nearest neighbours are decided
-by the noise); caption row = normalise(its image + noise a quarter as long). Direction
+(``--noise 1``: two images of a cluster have cosine about 0.5 and their nearest neighbours are
+decided by the noise; ``--noise 2`` with ``--clusters 10000``: cosine about 0.2 within a
+cluster of 100, about the largest of a million unrelated rows, so lists mix clusters); caption row = normalise(its image + noise a quarter as long). Direction
 ``t2i``: ``--queries`` random caption rows against every image row, ``k`` neighbours.
 
 Exact: the stage's own search (``pipeline.knn.exact_topk``: keys read from the store a block at
@@ -31,7 +32,8 @@ import numpy as np
 from _common import machine_info, write_results  # noqa: E402
 
 
-def write_clustered_store(path: Path, n_rows: int, dim: int, clusters: int, seed: int = 0) -> None:
+def write_clustered_store(path: Path, n_rows: int, dim: int, clusters: int, noise_len: float = 1.0,
+                          seed: int = 0) -> None:
     """The clustered teacher store of the module docstring, one Zarr shard at a time."""
     from pipeline.stores.base import ROW_VALID, Layout, row_units, write_unit
     from pipeline.stores.teacher import create_teacher_store, teacher_store_attrs
@@ -39,7 +41,7 @@ def write_clustered_store(path: Path, n_rows: int, dim: int, clusters: int, seed
 
     layout = Layout(zstd_level=1)
     manifest = synthetic_manifest(n_rows)
-    teacher = {"teacher": "clustered", "clusters": clusters, "seed": seed, "embed_dim": dim}
+    teacher = {"teacher": "clustered", "clusters": clusters, "noise": noise_len, "seed": seed, "embed_dim": dim}
     modalities = frozenset({"image", "text"})
     attrs = teacher_store_attrs(teacher, manifest.fingerprint, "train", modalities, dim, 100.0,
                                 n_rows, n_rows, layout)
@@ -51,7 +53,7 @@ def write_clustered_store(path: Path, n_rows: int, dim: int, clusters: int, seed
     for start, stop in row_units(n_rows, layout.rows_per_shard):
         rng = np.random.default_rng([seed, start])
         n = stop - start
-        noise = rng.standard_normal((n, dim), dtype=np.float32) / np.sqrt(dim)
+        noise = noise_len * rng.standard_normal((n, dim), dtype=np.float32) / np.sqrt(dim)
         image = unit(centres[rng.integers(0, clusters, n)] + noise)
         text = unit(image + 0.25 * rng.standard_normal((n, dim), dtype=np.float32) / np.sqrt(dim))
         ids = np.array([f"s/{r:09d}" for r in range(start, stop)])
@@ -70,6 +72,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--queries", type=int, default=4096)
     p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--noise", type=float, default=1.0, help="image noise length ÷ its centre's")
     p.add_argument("--nlist", type=int, default=4096)
     p.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
     p.add_argument("--train-rows", type=int, default=65536)
@@ -86,10 +89,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     _faiss().omp_set_num_threads(args.threads)
-    store = args.work / f"clustered-{args.rows}-{args.dim}-{args.clusters}.zarr"
+    noise_tag = "" if args.noise == 1.0 else f"-n{args.noise:g}"
+    store = args.work / f"clustered-{args.rows}-{args.dim}-{args.clusters}{noise_tag}.zarr"
     if not (store / "zarr.json").exists():
         t0 = time.perf_counter()
-        write_clustered_store(store, args.rows, args.dim, args.clusters)
+        write_clustered_store(store, args.rows, args.dim, args.clusters, args.noise)
         print(f"wrote {store} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     if args.write_only:
         return
@@ -139,7 +143,7 @@ def main() -> None:
     result = {"machine": machine_info("cpu") | {"load_average_during": loads},
               "args": {k: str(v) for k, v in vars(args).items()},
               "exact_s": exact_s, "build_s": build_s, "runs": runs, "estimate": estimate}
-    path = write_results("bench_ivf", result)
+    path = write_results("bench_ivf" + noise_tag.replace("-", "_"), result)
     print("| nprobe | recall@%d | ivf search s | exact s | ivf ÷ exact | with build, whole run |" % args.k)
     print("|---:|---:|---:|---:|---:|---:|")
     for r in runs:

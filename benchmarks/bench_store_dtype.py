@@ -44,8 +44,11 @@ def params_for(base: dict, root: Path, dataset: Path, dtype: str) -> dict:
                            text_teacher=str(caches / params["align"]["text"] / "train.zarr"),
                            single_stream_teacher=None, neighbors=None, itm_scores=None,
                            out_dir=str(root / "models/student"), recipe="best", seed=0)
+    init_teacher = (params["train"].get("init") or {}).get("teacher") or {}
+    if init_teacher.get("teacher") == "aligned":  # the student inherits this run's heads
+        init_teacher.setdefault("kwargs", {})["heads"] = str(root / "models/align" / name)
     params["evaluate"].update(dataset=str(dataset / "test"), student_dir=str(root / "models/student"),
-                              teacher_cache=str(caches / name / "test.zarr"), teacher=None,
+                              teacher_cache=str(caches / name / "test.zarr"), teacher=None, alone_dir=None,
                               metrics_path=str(root / "reports/eval/metrics.json"),
                               plots_dir=str(root / "reports/eval/plots"),
                               report_path=str(root / "reports/eval/report.md"),
@@ -87,6 +90,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/bench_store_dtype"))
     p.add_argument("--steps", nargs="+", default=["teach", "align", "train", "evaluate"])
     p.add_argument("--float16-caches", type=Path)
+    p.add_argument("--epochs", type=float, help="train.epochs (default: params.yaml's)")
     args = p.parse_args()
     base = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     from pipeline.metrics import retrieval_metrics
@@ -97,6 +101,8 @@ def main() -> None:
         root = args.work / dtype
         root.mkdir(parents=True, exist_ok=True)
         params = params_for(base, root, args.dataset.resolve(), dtype)
+        if args.epochs:
+            params["train"]["epochs"] = args.epochs
         path = root / "params.yaml"
         path.write_text(yaml.safe_dump(params, sort_keys=False))
         seconds = {}

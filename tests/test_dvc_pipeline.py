@@ -43,6 +43,7 @@ def tiny_params() -> dict:
     params["neighbors"].update(teacher="aligned", k=12)
     params["itm"].update(dual="aligned", single="tiny_blip", k=11, dataset="data/tiny")
     params["train"].update(
+        student="open_clip_tiny", init={},  # the demo's inherits from its aligned teacher's towers
         student_kwargs={"embed_dim": 32, "image_size": 32, "patch_size": 8, "vision_width": 32,
                         "vision_layers": 1, "vision_heads": 2, "context_length": 16, "text_width": 32,
                         "text_heads": 2, "text_layers": 1},
@@ -112,8 +113,12 @@ def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
     first = run(["dvc", "repro", "evaluate"], project)  # `make demo`: what the report needs
     assert stages_run(first) == {"prepare", "teach@tiny_clip", "teach@tiny_vision", "teach@tiny_blip",
                                  "align", "neighbors", "itm", "train", "train_alone", "evaluate"}
-    grounding = run(["dvc", "repro"], project)  # the rest: the grounding demo
-    assert stages_run(grounding) == {"ground_prepare", "ground_teach", "ground_train", "ground_evaluate"}
+    rest = run(["dvc", "repro"], project)  # the rest: the student's export and the grounding demo
+    assert stages_run(rest) == {"export", "ground_prepare", "ground_teach", "ground_train", "ground_evaluate"}
+    assert (project / "models/export/onnx/image_encoder.onnx").exists()
+    card = (project / "models/export/MODEL_CARD.md").read_text()
+    trained = json.loads((project / "models/student/train_summary.json").read_text())
+    assert trained["dataset_fingerprint"] in card and "0 teacher forward passes" in card
     metrics = json.loads((project / "reports/eval/metrics.json").read_text())
     assert set(metrics["alone"]) == set(metrics["student"])  # the student trained alone, beside it
     alone = json.loads((project / "models/student_alone/train_summary.json").read_text())
@@ -128,7 +133,7 @@ def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["lr"] = 0.001
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert stages_run(run(["dvc", "repro"], project)) == {"train", "train_alone", "evaluate"}
+    assert stages_run(run(["dvc", "repro"], project)) == {"train", "train_alone", "evaluate", "export"}
 
     params["teach"]["batch_size"] = 5  # does not change the cached arrays: no teacher reruns
     params["grounding"]["teach"]["batch_size"] = 5
@@ -150,9 +155,9 @@ def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
     assert teach_report.read_text() == before
     assert "up to date" in run(["dvc", "status"], clone).lower()
 
-    # an ablation experiment switches the recipe: only train and evaluate run (not train_alone)
+    # an ablation experiment switches the recipe: only train, evaluate and export run (not train_alone)
     exp = run(["dvc", "exp", "run", "-n", "mcad", "-S", "train.recipe=mcad"], project)
-    assert stages_run(exp) == {"train", "evaluate"}
+    assert stages_run(exp) == {"train", "evaluate", "export"}
     summary = json.loads((project / "models/student/train_summary.json").read_text())
     assert [t["name"] for t in summary["losses"]] == ["contrastive", "mcad_candidates", "mcad_feature"]
 

@@ -110,6 +110,12 @@ def load_heads(path: str | Path) -> tuple[AlignHeads, dict[str, Any]]:
     return heads.eval(), spec
 
 
+def source_fingerprint(fields: dict[str, Any], store_dtype: str = "float16") -> str:
+    """The teacher fingerprint a source store of this teacher carries: a float16 store's is the
+    teacher's own; a store of another ``store_dtype`` records the dtype among its fields."""
+    return fingerprint(fields if store_dtype == "float16" else fields | {"store_dtype": store_dtype})
+
+
 class AlignedTeacher(Teacher):
     """Frozen source teachers + the aligned heads (see module doc)."""
 
@@ -123,7 +129,7 @@ class AlignedTeacher(Teacher):
                 raise CacheError(f"{self._heads_dir}: the heads do not record the {role} teacher's params "
                                  "entry (align was run without it); rerun `distill align`")
             towers[role] = TEACHERS.create(entry["teacher"], **entry["kwargs"])
-            found = fingerprint(towers[role].fingerprint())
+            found = source_fingerprint(towers[role].fingerprint(), spec[role].get("store_dtype", "float16"))
             if found != spec[role]["teacher_fingerprint"]:
                 raise CacheError(
                     f"{self._heads_dir}: the {role} teacher {spec[role]['name']!r} built from its entry "
@@ -134,7 +140,10 @@ class AlignedTeacher(Teacher):
                          embed_dim=aligned_heads.args["embed_dim"], logit_scale=spec["logit_scale"],
                          transform=vision.transform, amp=amp)
         self.vision, self.text, self.heads = vision, text, aligned_heads
-        self._fields = aligned_fingerprint(vision.fingerprint(), spec["text"]["teacher_fingerprint"],
+        vision_fields = vision.fingerprint()  # as its store records them (aligned_fingerprint)
+        if spec["vision"].get("store_dtype", "float16") != "float16":
+            vision_fields = vision_fields | {"store_dtype": spec["vision"]["store_dtype"]}
+        self._fields = aligned_fingerprint(vision_fields, spec["text"]["teacher_fingerprint"],
                                            spec["vision"]["teacher_fingerprint"], heads_sha256(aligned_heads),
                                            aligned_heads.args, self.embed_dim, self.logit_scale)
         self.freeze()

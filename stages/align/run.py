@@ -504,8 +504,10 @@ def run_align(cfg: AlignConfig, entries: dict[str, Any] | None = None,
         spec = {"heads_args": heads.args, "weights_sha256": weights, "logit_scale": info["logit_scale"],
                 "teacher": teacher_fp, "teacher_fingerprint": fingerprint(teacher_fp),
                 "vision": {"name": cfg.vision, "teacher_fingerprint": vision_attrs["teacher_fingerprint"],
+                           "store_dtype": vision_attrs["teacher"].get("store_dtype", "float16"),
                            "entry": _entry(entries, "vision")},
                 "text": {"name": cfg.text, "teacher_fingerprint": text_attrs["teacher_fingerprint"],
+                         "store_dtype": text_attrs["teacher"].get("store_dtype", "float16"),
                          "entry": _entry(entries, "text")},
                 "config": {k: v for k, v in asdict(cfg).items() if k not in ("executor", "dask")}}
         save_heads(Path(cfg.heads_dir) / cfg.name, heads, spec)
