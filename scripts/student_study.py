@@ -22,7 +22,7 @@ image size and MiniLM layers.
 
 Each size's image-encode latency at batch 1 is timed against the teacher's, in one process, one
 thread, alternating (the ratio of medians). Neighbour, ITM and single-stream stores are left
-out (no studied recipe reads them); evaluation does not time the models (``evaluate.teacher``
+out except for the recipes that read them (``dsmd``, ``mcad``, ``hard_batches``); evaluation does not time the models (``evaluate.teacher``
 null), the latency table does. Raw numbers: ``<out>.json``; tables: ``<out>.md``.
 """
 from __future__ import annotations
@@ -48,8 +48,15 @@ SIZES = {
     "M": {"image_layers": [0, 1, 3, 5, 8, 11, 15], "image_size": 96, "text_layers": [0, 5]},
     "L": {"image_layers": None, "image_size": 112, "text_layers": [0, 2, 4, 5]},
 }
-COMMON = ["train.neighbors=null", "train.itm_scores=null", "train.single_stream_teacher=null",
-          "evaluate.teacher=null", "evaluate.measure_memory=false", "train.student=timm_hf"]
+COMMON = ["evaluate.teacher=null", "evaluate.measure_memory=false", "train.student=timm_hf"]
+# Recipes that read the neighbour, ITM or single-stream stores keep them; the others run without.
+ROLE_STORE_RECIPES = {"dsmd", "mcad", "hard_batches"}
+NO_ROLE_STORES = ["train.neighbors=null", "train.itm_scores=null", "train.single_stream_teacher=null"]
+
+
+def common_sets(recipe: str) -> list[str]:
+    """The overrides every run of ``recipe`` shares."""
+    return COMMON + ([] if recipe in ROLE_STORE_RECIPES else NO_ROLE_STORES)
 
 
 def student_sets(size: str, init: str, heads: str) -> list[str]:
@@ -178,7 +185,8 @@ def main() -> int:
                 for recipe in args.recipes:
                     for seed in args.seeds:
                         key = f"{dataset}/grid/{init}/v{views}/{recipe}/s{seed}"
-                        sets = [*COMMON, f"train.epochs={args.epochs:g}", *student_sets(args.size, init, arm_heads), *extra]
+                        sets = [*common_sets(recipe), f"train.epochs={args.epochs:g}",
+                                *student_sets(args.size, init, arm_heads), *extra]
                         grid.append((key, dict(dataset=dataset, arm="grid", init=init, views=views, recipe=recipe,
                                                seed=seed, size=args.size), base, sets, root / "runs" / key.rsplit("/", 2)[0]))
         for size in args.curve:
@@ -187,7 +195,8 @@ def main() -> int:
                 continue  # the grid's own runs (inherited, V = 1, the curve's recipe)
             for seed in args.seeds:
                 key = f"{dataset}/curve/{size}/{args.curve_recipe}/s{seed}"
-                sets = [*COMMON, f"train.epochs={args.epochs:g}", *student_sets(size, "inherited", heads)]
+                sets = [*common_sets(args.curve_recipe), f"train.epochs={args.epochs:g}",
+                        *student_sets(size, "inherited", heads)]
                 grid.append((key, dict(dataset=dataset, arm="curve", init="inherited", views=1,
                                        recipe=args.curve_recipe, seed=seed, size=size),
                              base, sets, root / "runs" / key.rsplit("/", 2)[0]))

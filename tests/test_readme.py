@@ -40,11 +40,9 @@ def test_readme_minimal_params_run_the_four_commands(tmp_path: Path, monkeypatch
     params["prepare"]["src"] = str(tmp_path / "shards")
     params["teachers"][name]["kwargs"] = tiny
     params["evaluate"]["teacher_kwargs"] = tiny
-    params["train"].update(student_kwargs={"embed_dim": 32, "image_size": 32, "patch_size": 8,
-                                           "vision_width": 32, "vision_layers": 1, "vision_heads": 2,
-                                           "context_length": 16, "text_width": 32, "text_heads": 2,
-                                           "text_layers": 1},
-                           epochs=1.0, batch_size=8, device="cpu")
+    # the tiny teacher has one block per tower: the student inherits that one
+    params["train"]["init"].update(image_layers=[0], text_layers=[0])
+    params["train"].update(epochs=1.0, batch_size=8, device="cpu")
     params["evaluate"].update(latency_batch_sizes=[1, 4], latency_repeats=1, measure_memory=False,
                               teacher_efficiency_cache=str(tmp_path / "kept"))
     monkeypatch.chdir(tmp_path)
@@ -55,6 +53,8 @@ def test_readme_minimal_params_run_the_four_commands(tmp_path: Path, monkeypatch
     summary = json.loads(Path("models/student/train_summary.json").read_text())
     assert summary["finished"] and summary["teacher_forward_calls"] == 0
     assert list(summary["caches"]) == [f"caches/{name}/train.zarr"]  # no other store was read
+    spec = json.loads(Path("models/student/student.json").read_text())
+    assert spec["init"]["from_teacher"] == name and spec["student"] == "open_clip"
     metrics = json.loads(Path("reports/eval/metrics.json").read_text())
     assert metrics["counts"]["n_images"] > 0 and "rsum" in metrics["teacher"]
 
