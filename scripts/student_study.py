@@ -48,7 +48,8 @@ SIZES = {
     "M": {"image_layers": [0, 1, 3, 5, 8, 11, 15], "image_size": 96, "text_layers": [0, 5]},
     "L": {"image_layers": None, "image_size": 112, "text_layers": [0, 2, 4, 5]},
 }
-COMMON = ["evaluate.teacher=null", "evaluate.measure_memory=false", "train.student=timm_hf"]
+COMMON = ["evaluate.teacher=null", "evaluate.measure_memory=false", "evaluate.alone_dir=null",
+          "train.student=timm_hf"]
 # Recipes that read the neighbour, ITM or single-stream stores keep them; the others run without.
 ROLE_STORE_RECIPES = {"dsmd", "mcad", "hard_batches"}
 NO_ROLE_STORES = ["train.neighbors=null", "train.itm_scores=null", "train.single_stream_teacher=null"]

@@ -123,6 +123,8 @@ def test_a_missing_checkpoint_file_and_an_unknown_tag_are_clear_errors(tmp_path)
     with pytest.raises(PipelineError, match="'no_such_tag' is neither a file nor a pretrained tag of "
                                             "'ViT-B-32' \\(tags: .*openai"):
         create_student("open_clip", **VIT_B32_TINY, pretrained="no_such_tag")
+    with pytest.raises(PipelineError, match=f"{tmp_path}/alone: no trained student here .*distill train"):
+        load_student(tmp_path / "alone")
 
 
 def test_timm_tower_starts_from_a_local_file_without_its_classifier(tmp_path):

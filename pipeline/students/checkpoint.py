@@ -80,6 +80,9 @@ def load_student(checkpoint_dir: Path) -> Student:
 
     Non-weight tensors (optimizer state etc.) in the file are ignored.
     """
+    if not Path(checkpoint_dir).exists():
+        raise PipelineError(f"{checkpoint_dir}: no trained student here (student.json + "
+                            "student.safetensors); run `distill train` (`--alone` for evaluate.alone_dir)")
     weights, spec_path = _resolve(checkpoint_dir)
     if not spec_path.exists():
         raise PipelineError(f"{spec_path}: student spec not found (expected next to {weights.name})")
