@@ -86,8 +86,10 @@ def load_student(checkpoint_dir: Path) -> Student:
     weights, spec_path = _resolve(checkpoint_dir)
     if not spec_path.exists():
         raise PipelineError(f"{spec_path}: student spec not found (expected next to {weights.name})")
-    student = build_from_spec(json.loads(spec_path.read_text()))
+    spec = json.loads(spec_path.read_text())
+    student = build_from_spec(spec)
     tensors, _ = read_checkpoint(weights)
     state = {k: v for k, v in tensors.items() if EXTRA_SEP not in k}
     student.load_state_dict(state, strict=True)
+    student.init_record = spec.get("init") or None  # where its first weights came from
     return student.eval()
