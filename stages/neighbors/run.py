@@ -96,20 +96,9 @@ def topk_unit(cache: TeacherCache, direction: str, start: int, stop: int, cfg: "
               index: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k for query rows ``[start, stop)`` of one direction: exact over the keys read a block
     at a time, or from ``index`` (an :class:`~pipeline.knn.IvfIndex` of the key rows)."""
-    from pipeline.knn import exact_topk
-
-    q_kind, k_kind = DIRECTIONS[direction]
+    q_kind, _ = DIRECTIONS[direction]
     queries = np.asarray(_rows(cache, q_kind)[start:stop], dtype=np.float32)
-    same = q_kind == k_kind
-    k = cfg.k + int(same)
-    if index is not None:
-        idx, sim = index.search(queries, k)
-    else:
-        idx, sim = exact_topk(queries, _rows(cache, k_kind), getattr(cache, f"{k_kind}_valid"), k,
-                              block_rows=cfg.block_rows, key_block_rows=cfg.key_block_rows,
-                              device=search_device(cfg))
-    if same:  # drop the query itself (or, when absent, the extra last neighbour)
-        idx, sim = _drop_self(idx, sim, np.arange(start, stop), cfg.k)
+    idx, sim = _search(cache, direction, queries, np.arange(start, stop), cfg, index)
     q_valid = getattr(cache, f"{q_kind}_valid")[start:stop]
     idx[~q_valid] = -1
     sim[~q_valid] = -np.inf
@@ -244,10 +233,17 @@ class IvfSetup:
 def _topk_rows(cache: TeacherCache, direction: str, rows: np.ndarray, cfg: NeighborsConfig,
                index: Any) -> np.ndarray:
     """The top-k lists of arbitrary query ``rows`` (the recall sample), as the units find them."""
+    queries = np.asarray(_rows(cache, DIRECTIONS[direction][0])[rows], dtype=np.float32)
+    return _search(cache, direction, queries, rows, cfg, index)[0]
+
+
+def _search(cache: TeacherCache, direction: str, queries: np.ndarray, rows: np.ndarray,
+            cfg: "NeighborsConfig", index: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of ``queries`` (the cache's query ``rows``): exact, or from ``index``; a
+    single-modal direction drops the query itself (or, when absent, the extra last neighbour)."""
     from pipeline.knn import exact_topk
 
     q_kind, k_kind = DIRECTIONS[direction]
-    queries = np.asarray(_rows(cache, q_kind)[rows], dtype=np.float32)
     k = cfg.k + int(q_kind == k_kind)
     if index is not None:
         idx, sim = index.search(queries, k)
@@ -257,7 +253,7 @@ def _topk_rows(cache: TeacherCache, direction: str, rows: np.ndarray, cfg: Neigh
                               device=search_device(cfg))
     if q_kind == k_kind:
         idx, sim = _drop_self(idx, sim, rows, cfg.k)
-    return idx
+    return idx, sim
 
 
 def plan_neighbors(cfg: NeighborsConfig, name: str) -> StoreJob:
