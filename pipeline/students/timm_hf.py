@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.devices import channels_last
 from pipeline.students.base import CLIP_MEAN, CLIP_STD, STUDENTS, ImageNorm, Levels, Student, count_parameters
 from pipeline.students.towers import image_tower, level_widths, pretrained_text_tower, random_text_tower
 
@@ -46,7 +47,7 @@ class TimmHfStudent(Student):
         return hidden[:, 0] if self.text_pooling == "cls" else _mean_pool(hidden, mask)
 
     def encode_image(self, pixels: Tensor, normalize: bool = True) -> Tensor:
-        return self._head(self.image_proj, self.vision(pixels), normalize)
+        return self._head(self.image_proj, self.vision(channels_last(pixels)), normalize)
 
     def encode_text(self, tokens: Tensor, normalize: bool = True) -> Tensor:
         mask = (tokens != self._pad_id).long()
@@ -63,7 +64,7 @@ class TimmHfStudent(Student):
         class_token = (getattr(self.vision, "num_prefix_tokens", 0) > 0
                        and getattr(self.vision, "global_pool", None) == "token")
         kwargs = {"return_prefix_tokens": True, "output_fmt": "NLC"} if class_token else {}
-        final, inter = self.vision.forward_intermediates(pixels, indices=list(range(n_levels)), **kwargs)
+        final, inter = self.vision.forward_intermediates(channels_last(pixels), indices=list(range(n_levels)), **kwargs)
         if class_token:
             pooled = [prefix[:, 0] for _, prefix in inter]
         else:  # NCHW maps or NLC tokens: mean over every spatial position

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torchvision import transforms as T
 
+from pipeline.devices import channels_last
 from pipeline.teachers.base import (DEFAULT_LOGIT_SCALE, TEACHERS, Teacher, require_demo,
                                     state_dict_sha256, weights_sha256)
 
@@ -66,7 +67,7 @@ class TimmVisionTeacher(Teacher):
         self.freeze()
 
     def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_head(self.net.forward_features(pixels), pre_logits=True)
+        return self.net.forward_head(self.net.forward_features(channels_last(pixels)), pre_logits=True)
 
     def _fingerprint_fields(self) -> dict[str, Any]:
         hub = self.net.pretrained_cfg if self._pretrained else {}
@@ -140,7 +141,7 @@ class EfficientNetLiteTeacher(Teacher):
         self.freeze()
 
     def _embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(pixels).mean(dim=(2, 3))
+        return self.net.extract_features(channels_last(pixels)).mean(dim=(2, 3))
 
     def _fingerprint_fields(self) -> dict[str, Any]:
         return {
