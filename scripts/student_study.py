@@ -45,6 +45,7 @@ DATASETS = {"emoji": "params.yaml", "fashion": "benchmarks/fashion.yaml"}
 # Student sizes: EfficientNet-Lite0 blocks kept (None: all 16), image px, MiniLM layers kept.
 SIZES = {
     "S": {"image_layers": [0, 1, 3, 5, 8, 11, 15], "image_size": 64, "text_layers": [5]},
+    "M80": {"image_layers": [0, 1, 3, 5, 8, 11, 15], "image_size": 80, "text_layers": [0, 5]},
     "M": {"image_layers": [0, 1, 3, 5, 8, 11, 15], "image_size": 96, "text_layers": [0, 5]},
     "L": {"image_layers": None, "image_size": 112, "text_layers": [0, 2, 4, 5]},
 }

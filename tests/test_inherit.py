@@ -120,8 +120,10 @@ def test_efficientnet_lite_is_timms_tf_port_with_the_same_weights():
     pixels = torch.stack([teacher.preprocess(im) for im in _images(2)])
     assert torch.equal(pixels, torch.stack([student.preprocess(im) for im in _images(2)]))
     with torch.no_grad():  # the same function: the pooled features before the projection
-        torch.testing.assert_close(student.vision(pixels), teacher.net.extract_features(pixels).mean((2, 3)),
-                                   atol=1e-5, rtol=1e-5)
+        reference = teacher.net.extract_features(pixels).mean((2, 3))  # contiguous NCHW
+        torch.testing.assert_close(student.vision(pixels), reference, atol=1e-5, rtol=1e-5)
+        # the teacher's own path lays pixels out channels-last: the same values
+        torch.testing.assert_close(teacher._embed_images(pixels), reference, atol=1e-5, rtol=1e-5)
 
 
 def write_aligned_heads(folder: Path, vision: TeacherEntry, text: TeacherEntry, embed_dim: int = 32,

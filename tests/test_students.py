@@ -108,6 +108,26 @@ def test_timm_hf_with_packaged_minilm_text_tower(tmp_path):
         torch.testing.assert_close(loaded.encode_text(tokens), student.encode_text(tokens))
 
 
+
+def test_timm_hf_training_cuts_trailing_padding_without_changing_embeddings():
+    """In training the text tower sees the batch's columns up to its longest caption only; with
+    dropout off its embeddings (final and per layer) equal the full-length ones of eval mode."""
+    kwargs = {"embed_dim": 16, "image_size": 32, "text_model": "minilm", "context_length": 24,
+              "timm_kwargs": TINY["timm_hf"]["timm_kwargs"]}
+    student = create_student("timm_hf", **kwargs)
+    for module in student.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    tokens = student.tokenize(CAPTIONS)
+    longest = int((tokens != 0).sum(1).max())
+    assert longest < 24 and student.train()._trim(tokens).shape == (2, longest)
+    with torch.no_grad():
+        trained = student.train().encode_text(tokens), student.encode_text_levels(tokens)
+        full = student.eval().encode_text(tokens), student.encode_text_levels(tokens)
+    torch.testing.assert_close(trained[0], full[0], atol=1e-5, rtol=0)
+    for a, b in zip(trained[1][1], full[1][1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
 # Multi-scale levels need at least two blocks per tower: three image blocks, two text blocks.
 LEVELS = {
     "open_clip_tiny": {**TINY["open_clip_tiny"], "vision_layers": 3, "text_layers": 2},

@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import io
 import json
+import copy
 import math
 import os
 import subprocess
@@ -26,7 +27,7 @@ from pipeline.stores.base import ROW_INVALID, ROW_VALID
 from pipeline.stores.teacher import TeacherCache, write_cache_from_arrays
 from pipeline.students import load_student
 from pipeline.training.loader import DistillStream, LoaderState, TrainItem, iter_batches
-from pipeline.training.schedule import lr_at
+from pipeline.training.schedule import lr_at, make_optimizer
 from pipeline.training.targets import open_targets
 from stages.train.run import TrainConfig, train
 
@@ -154,6 +155,27 @@ def test_batches_resume_from_position_and_workers_agree(toy):
     assert [ids(next(resumed_w)) for _ in range(2)] == [ids(b) for b in first_w[1:3]]
     for gen in (straight, resumed, workers, resumed_w):
         gen.close()
+
+
+def test_fused_optimizer_takes_the_reference_adamw_step():
+    """make_optimizer's fused AdamW (CPU) updates as torch's per-tensor AdamW does, decay on
+    matrices only."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.LayerNorm(4))
+    twin = copy.deepcopy(net)
+    fused = make_optimizer([net], lr=0.01, weight_decay=0.1)
+    assert fused.defaults["fused"]
+    reference = torch.optim.AdamW([{"params": [twin[0].weight], "weight_decay": 0.1},
+                                   {"params": [twin[0].bias, *twin[1].parameters()], "weight_decay": 0.0}],
+                                  lr=0.01, foreach=False)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for model, opt in ((net, fused), (twin, reference)):
+            opt.zero_grad()
+            model(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_lr_schedule():
