@@ -18,7 +18,8 @@ image size and MiniLM layers.
 - **views**: 1 (the plain image's embedding; the student's own crops and flips), or V (the
   vision teacher taught on V stored views of the train split, the teacher aligned again on them,
   ``train.views: sample``);
-- **size curve**: ``--curve`` sizes, inherited, recipe ``--curve-recipe``.
+- **size curve**: ``--curve`` sizes, inherited, recipe ``--curve-recipe`` (and, with
+  ``--curve-alone``, each size trained alone).
 
 Each size's image-encode latency at batch 1 is timed against the teacher's, in one process, one
 thread, alternating (the ratio of medians). Neighbour, ITM and single-stream stores are left
@@ -28,6 +29,7 @@ null), the latency table does. Raw numbers: ``<out>.json``; tables: ``<out>.md``
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -108,6 +110,13 @@ def latency_ratios(base: dict, sizes: list[str], repeats: int = 40) -> dict[str,
     return {k: {"ms": round(v, 3), "ratio": round(v / med["teacher"], 3)} for k, v in med.items()}
 
 
+def alone_runs(results: list[dict], dataset: str, size: str, args: argparse.Namespace) -> list[dict]:
+    """The same-size student trained alone (recipe ``none``, inherited, V = 1): the grid's for
+    the grid's size, the ``alone`` arm's for a curve size."""
+    return [r for r in results if r["dataset"] == dataset and r["size"] == size and r["recipe"] == "none"
+            and r["init"] == "inherited" and r["views"] == 1 and r["arm"] in ("grid", "alone")]
+
+
 def table(results: list[dict], latency: dict[str, dict], args: argparse.Namespace) -> str:
     """Student % of teacher RSUM per (dataset, init, views) and recipe; the size curve (the
     grid's size is read from the grid's inherited, V = 1 runs of the curve's recipe)."""
@@ -134,19 +143,21 @@ def table(results: list[dict], latency: dict[str, dict], args: argparse.Namespac
     curve = [r for r in results if r["arm"] == "curve"] + [
         r for r in main if r["init"] == "inherited" and r["views"] == 1 and r["recipe"] == args.curve_recipe]
     if args.curve:
-        lines += ["### Size curve", "", "| dataset | size | image blocks | px | text layers | image encode ÷ teacher | RSUM | % of teacher |",
-                  "|---|---|---|---:|---|---:|---:|---:|"]
+        lines += ["### Size curve", "", "| dataset | size | image blocks | px | text layers | image encode ÷ teacher | RSUM | % of teacher | alone: % of teacher |",
+                  "|---|---|---|---:|---|---:|---:|---:|---:|"]
         for dataset in dict.fromkeys(r["dataset"] for r in curve):
             for size in args.curve:
                 runs = [r for r in curve if r["dataset"] == dataset and r["size"] == size]
                 if not runs:
                     continue
                 s = SIZES[size]
+                alone = [r["metrics"]["pct_of_teacher"]["rsum"] for r in alone_runs(results, dataset, size, args)]
                 blocks = len(s["image_layers"]) if s["image_layers"] else 16
                 lines.append(f"| {dataset} | {size} | {blocks} of 16 | {s['image_size']} | {s['text_layers']} | "
                              f"{latency.get(size, {}).get('ratio', float('nan')):.2f} | "
                              f"{_mean_std([r['metrics']['student']['rsum'] for r in runs])} | "
-                             f"{_mean_std([r['metrics']['pct_of_teacher']['rsum'] for r in runs])} |")
+                             f"{_mean_std([r['metrics']['pct_of_teacher']['rsum'] for r in runs])} | "
+                             f"{_mean_std(alone) if alone else '–'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +171,8 @@ def main() -> int:
     parser.add_argument("--size", default="M", choices=list(SIZES))
     parser.add_argument("--curve", nargs="*", default=["S", "M", "L"], choices=list(SIZES))
     parser.add_argument("--curve-recipe", default="best")
+    parser.add_argument("--curve-alone", action="store_true",
+                        help="also train each curve size alone (recipe none): the alone column")
     parser.add_argument("--epochs", type=float, default=10)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--root", type=Path, default=Path("ablation/study"))
@@ -195,14 +208,15 @@ def main() -> int:
             if size == args.size and "inherited" in args.inits and 1 in args.views \
                     and args.curve_recipe in args.recipes:
                 continue  # the grid's own runs (inherited, V = 1, the curve's recipe)
-            for seed in args.seeds:
-                key = f"{dataset}/curve/{size}/{args.curve_recipe}/s{seed}"
-                sets = [*common_sets(args.curve_recipe), f"train.epochs={args.epochs:g}",
+            arms = [("curve", args.curve_recipe)] + ([("alone", "none")] if args.curve_alone else [])
+            for (arm, recipe), seed in itertools.product(arms, args.seeds):
+                key = f"{dataset}/{arm}/{size}/{recipe}/s{seed}"
+                sets = [*common_sets(recipe), f"train.epochs={args.epochs:g}",
                         *student_sets(size, "inherited", heads)]
-                grid.append((key, dict(dataset=dataset, arm="curve", init="inherited", views=1,
-                                       recipe=args.curve_recipe, seed=seed, size=size),
+                grid.append((key, dict(dataset=dataset, arm=arm, init="inherited", views=1,
+                                       recipe=recipe, seed=seed, size=size),
                              base, sets, root / "runs" / key.rsplit("/", 2)[0]))
-    if args.curve and not state["latency"]:
+    if args.curve and any(size not in state["latency"] for size in args.curve):  # all in one process
         state["latency"] = latency_ratios(demo, args.curve)
         print(json.dumps(state["latency"]), flush=True)
     todo = [g for g in grid if g[0] not in done]
