@@ -119,6 +119,7 @@ def test_dvc_repro_end_to_end_and_cache_sharing(project: Path, tmp_path: Path):
     card = (project / "models/export/MODEL_CARD.md").read_text()
     trained = json.loads((project / "models/student/train_summary.json").read_text())
     assert trained["dataset_fingerprint"] in card and "0 teacher forward passes" in card
+    assert card.startswith(f"# {trained['spec']['student']} student") and f"recipe {trained['recipe']}" in card.splitlines()[0]
     metrics = json.loads((project / "reports/eval/metrics.json").read_text())
     assert set(metrics["alone"]) == set(metrics["student"])  # the student trained alone, beside it
     alone = json.loads((project / "models/student_alone/train_summary.json").read_text())

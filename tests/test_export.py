@@ -68,6 +68,7 @@ def test_open_clip_student_loads_in_open_clip_and_onnx(toy, tmp_path):  # noqa: 
         np.testing.assert_allclose(got_i, want_i.numpy(), atol=1e-4, rtol=0)
         np.testing.assert_allclose(got_t, want_t.numpy(), atol=1e-4, rtol=0)
     card = (out / "MODEL_CARD.md").read_text()
+    assert card.startswith(f"# {student.registry_name} student\n")  # no inheritance, no recipe to name
     assert summary["dataset_fingerprint"] in card
     for path, fp in summary["caches"].items():
         assert fp in card and path in card

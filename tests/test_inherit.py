@@ -191,11 +191,12 @@ def test_a_saved_inherited_student_reloads_without_its_teacher(aligned, tmp_path
     spec = json.loads((tmp_path / "student.json").read_text())
     assert spec["init"]["image_layers"] == [0, 1, 3, 5, 8, 11, 15]
     # the reloaded student still says where it started, and so does its model card
-    from pipeline.export.card import model_card
+    from pipeline.export.card import card_title, model_card
 
     assert loaded.spec()["init"] == spec["init"] == student.spec()["init"]
     card = model_card("s", loaded.spec(), None, None, {})
     assert f"teacher `aligned` (aligned, fingerprint `{spec['init']['teacher_fingerprint']}`)" in card
+    assert card_title(loaded.spec(), {"recipe": "best"}) == f"{spec['student']} student, inherited from aligned, recipe best"
 
 
 

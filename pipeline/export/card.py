@@ -50,6 +50,17 @@ def _metrics_lines(metrics: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def card_title(spec: dict[str, Any], summary: dict[str, Any] | None) -> str:
+    """The card's default title: the student family, the teacher it inherited from and the
+    recipe, e.g. ``timm_hf student, inherited from aligned, recipe best``."""
+    parts = [f"{spec['student']} student"]
+    if (spec.get("init") or {}).get("from_teacher"):
+        parts.append(f"inherited from {spec['init']['from_teacher']}")
+    if (summary or {}).get("recipe"):
+        parts.append(f"recipe {summary['recipe']}")
+    return ", ".join(parts)
+
+
 def model_card(name: str, spec: dict[str, Any], summary: dict[str, Any] | None,
                metrics: dict[str, Any] | None, exported: dict[str, Any]) -> str:
     """The card's Markdown. ``summary``: the training run's ``train_summary.json``;

@@ -20,7 +20,7 @@ import torch
 
 from pipeline.config import check_settings, setting
 from pipeline.errors import PipelineError
-from pipeline.export.card import model_card
+from pipeline.export.card import card_title, model_card
 from pipeline.export.onnx_form import export_onnx, max_differences
 from pipeline.export.open_clip_form import export_open_clip, load_exported
 from pipeline.progress import note
@@ -44,7 +44,7 @@ class ExportConfig:
                                                   # are noted and skipped)
     opset: int = setting(18, minimum=18)          # ONNX opset (the torch.export-based exporter's)
     metrics_path: str | None = "reports/eval/metrics.json"  # the evaluation quoted in the card
-    name: str | None = None                       # the model's name in the card (None: out_dir's)
+    name: str | None = None                       # the card's title (None: family, teachers, recipe)
     onnx_atol: float = setting(1e-4, exclusive_minimum=0)   # largest |onnxruntime - torch| allowed
     open_clip_atol: float = setting(1e-5, exclusive_minimum=0)  # largest |open_clip - torch| allowed
 
@@ -120,7 +120,7 @@ def run_export(cfg: ExportConfig, progress: bool | None = None) -> dict[str, Any
             spec = student.spec()
             summary = _read_json(Path(cfg.student_dir) / "train_summary.json")
             metrics = _read_json(Path(cfg.metrics_path)) if cfg.metrics_path else None
-            card = model_card(cfg.name or out.name, spec, summary, metrics, exported)
+            card = model_card(cfg.name or card_title(spec, summary), spec, summary, metrics, exported)
             write_durable(tmp / "MODEL_CARD.md", card)
             result = {"student_dir": cfg.student_dir, "out_dir": str(out), "spec": spec,
                       "exported": exported, "seconds": round(time.perf_counter() - t0, 3)}
