@@ -152,17 +152,18 @@ VIS = TeacherEntry("open_clip", {"model_cfg": TINY_CLIP_CFG, "pretrained": None,
 TXT = TeacherEntry("open_clip", {"model_cfg": TINY_CLIP_CFG, "pretrained": None, "seed": 2})
 
 
-@pytest.mark.parametrize("store_dtype", ["float16", "int8"])
-def test_aligned_teacher_end_to_end_reproduces_the_store(tmp_path, store_dtype):
-    # int8 source stores: the teacher built from the heads is the one align recorded (the
-    # sources' fingerprints carry their dtype), and it computes the store within int8's step
+@pytest.mark.parametrize("store_dtype,views", [("float16", 1), ("int8", 1), ("float16", 2)])
+def test_aligned_teacher_end_to_end_reproduces_the_store(tmp_path, store_dtype, views):
+    # int8 source stores, or a train split taught with views: the teacher built from the heads is
+    # the one align recorded (the sources' fingerprints carry their dtype and views), and it
+    # computes the store within the stored dtype's step
     root = tmp_path / "data"
     for split, n, start in (("train", 24, 0), ("val", 8, 5000), ("test", 10, 10_000)):
         write_shards(tiny_samples(n, start), root / split, split, 7)
         write_manifest(root / split)
     teach = TeachConfig(dataset=str(root), splits=("train", "val", "test"), out_root=str(tmp_path / "caches"),
                         rows_per_shard=16, rows_per_chunk=8, summary_dir=str(tmp_path / "reports"),
-                        store_dtype=store_dtype)
+                        store_dtype=store_dtype, views=views, view_splits=("train",))
     atol = 3e-3 if store_dtype == "float16" else 2e-2
     for name, entry in (("vis", VIS), ("txt", TXT)):
         run_teach(teach, name, entry=entry, progress=False)
@@ -186,6 +187,8 @@ def test_aligned_teacher_end_to_end_reproduces_the_store(tmp_path, store_dtype):
     # the spec records where the encoders come from
     spec = json.loads((tmp_path / "models/al/heads.json").read_text())
     assert spec["vision"]["entry"] == dataclasses.asdict(VIS) and spec["text"]["name"] == "txt"
+    assert ("views" in spec["vision"]["store_fields"]) == (views > 1)
+    assert ("store_dtype" in spec["vision"]["store_fields"]) == (store_dtype != "float16")
 
 
 def test_align_carries_the_vision_stores_views_through_the_heads(synthetic, tmp_path):

@@ -110,10 +110,29 @@ def load_heads(path: str | Path) -> tuple[AlignHeads, dict[str, Any]]:
     return heads.eval(), spec
 
 
-def source_fingerprint(fields: dict[str, Any], store_dtype: str = "float16") -> str:
-    """The teacher fingerprint a source store of this teacher carries: a float16 store's is the
-    teacher's own; a store of another ``store_dtype`` records the dtype among its fields."""
-    return fingerprint(fields if store_dtype == "float16" else fields | {"store_dtype": store_dtype})
+# What a teacher store adds to its teacher's own fingerprint fields (`distill teach`): its views
+# (more than one per image) and a store dtype other than float16.
+STORE_FIELDS = ("views", "store_dtype")
+
+
+def store_fields(store_teacher: dict[str, Any]) -> dict[str, Any]:
+    """The fields a source store (its ``teacher`` attribute) added to its teacher's own."""
+    return {k: store_teacher[k] for k in STORE_FIELDS if k in store_teacher}
+
+
+def recorded_store_fields(source: dict[str, Any]) -> dict[str, Any]:
+    """The store fields a heads spec records for one source (``align``); a spec written before
+    they were recorded names only a dtype other than float16."""
+    if "store_fields" in source:
+        return source["store_fields"]
+    dtype = source.get("store_dtype", "float16")
+    return {} if dtype == "float16" else {"store_dtype": dtype}
+
+
+def source_fingerprint(fields: dict[str, Any], added: dict[str, Any]) -> str:
+    """The teacher fingerprint a source store of this teacher carries: the teacher's own fields
+    and what the store added (:func:`store_fields`)."""
+    return fingerprint(fields | added)
 
 
 class AlignedTeacher(Teacher):
@@ -129,7 +148,7 @@ class AlignedTeacher(Teacher):
                 raise CacheError(f"{self._heads_dir}: the heads do not record the {role} teacher's params "
                                  "entry (align was run without it); rerun `distill align`")
             towers[role] = TEACHERS.create(entry["teacher"], **entry["kwargs"])
-            found = source_fingerprint(towers[role].fingerprint(), spec[role].get("store_dtype", "float16"))
+            found = source_fingerprint(towers[role].fingerprint(), recorded_store_fields(spec[role]))
             if found != spec[role]["teacher_fingerprint"]:
                 raise CacheError(
                     f"{self._heads_dir}: the {role} teacher {spec[role]['name']!r} built from its entry "
@@ -140,9 +159,8 @@ class AlignedTeacher(Teacher):
                          embed_dim=aligned_heads.args["embed_dim"], logit_scale=spec["logit_scale"],
                          transform=vision.transform, amp=amp)
         self.vision, self.text, self.heads = vision, text, aligned_heads
-        vision_fields = vision.fingerprint()  # as its store records them (aligned_fingerprint)
-        if spec["vision"].get("store_dtype", "float16") != "float16":
-            vision_fields = vision_fields | {"store_dtype": spec["vision"]["store_dtype"]}
+        # as its store records them (aligned_fingerprint)
+        vision_fields = vision.fingerprint() | recorded_store_fields(spec["vision"])
         self._fields = aligned_fingerprint(vision_fields, spec["text"]["teacher_fingerprint"],
                                            spec["vision"]["teacher_fingerprint"], heads_sha256(aligned_heads),
                                            aligned_heads.args, self.embed_dim, self.logit_scale)

@@ -48,7 +48,7 @@ from pipeline.stores.location import location, store_root
 from pipeline.stores.teacher import (encoded_columns, published_attrs,
                                      teacher_store_attrs, unit_rows)
 from pipeline.teachers.aligned import (MAX_LOGIT_SCALE, AlignHeads, aligned_fingerprint,
-                                       heads_sha256, save_heads)
+                                       heads_sha256, save_heads, store_fields)
 from pipeline.views import ViewSpec
 from stages.executors import DaskConfig, ExecutorName, check_executor, open_executor
 from stages.lock import output_lock
@@ -505,9 +505,11 @@ def run_align(cfg: AlignConfig, entries: dict[str, Any] | None = None,
                 "teacher": teacher_fp, "teacher_fingerprint": fingerprint(teacher_fp),
                 "vision": {"name": cfg.vision, "teacher_fingerprint": vision_attrs["teacher_fingerprint"],
                            "store_dtype": vision_attrs["teacher"].get("store_dtype", "float16"),
+                           "store_fields": store_fields(vision_attrs["teacher"]),
                            "entry": _entry(entries, "vision")},
                 "text": {"name": cfg.text, "teacher_fingerprint": text_attrs["teacher_fingerprint"],
                          "store_dtype": text_attrs["teacher"].get("store_dtype", "float16"),
+                         "store_fields": store_fields(text_attrs["teacher"]),
                          "entry": _entry(entries, "text")},
                 "config": {k: v for k, v in asdict(cfg).items() if k not in ("executor", "dask")}}
         save_heads(Path(cfg.heads_dir) / cfg.name, heads, spec)
