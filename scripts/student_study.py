@@ -216,8 +216,10 @@ def main() -> int:
                 grid.append((key, dict(dataset=dataset, arm=arm, init="inherited", views=1,
                                        recipe=recipe, seed=seed, size=size),
                              base, sets, root / "runs" / key.rsplit("/", 2)[0]))
-    if args.curve and any(size not in state["latency"] for size in args.curve):  # all in one process
-        state["latency"] = latency_ratios(demo, args.curve)
+    if args.curve and any(size not in state["latency"] for size in args.curve):
+        # every size timed so far and the new ones, again in one process (ratios of one run)
+        sizes = [s for s in SIZES if s in args.curve or s in state["latency"]]
+        state["latency"] = latency_ratios(demo, sizes)
         print(json.dumps(state["latency"]), flush=True)
     todo = [g for g in grid if g[0] not in done]
 
