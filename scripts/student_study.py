@@ -221,6 +221,8 @@ def main() -> int:
         sizes = [s for s in SIZES if s in args.curve or s in state["latency"]]
         state["latency"] = latency_ratios(demo, sizes)
         print(json.dumps(state["latency"]), flush=True)
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps(state, indent=2) + "\n")
     todo = [g for g in grid if g[0] not in done]
 
     def one(item: tuple) -> dict:
