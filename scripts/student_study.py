@@ -46,6 +46,7 @@ from views_ablation import align_on_views, teach_vision  # noqa: E402
 DATASETS = {"emoji": "params.yaml", "fashion": "benchmarks/fashion.yaml"}
 # Student sizes: EfficientNet-Lite0 blocks kept (None: all 16), image px, MiniLM layers kept.
 SIZES = {
+    "XS": {"image_layers": [0, 1, 3, 5, 8], "image_size": 64, "text_layers": [5]},
     "S": {"image_layers": [0, 1, 3, 5, 8, 11, 15], "image_size": 64, "text_layers": [5]},
     "M80": {"image_layers": [0, 1, 3, 5, 8, 11, 15], "image_size": 80, "text_layers": [0, 5]},
     "M": {"image_layers": [0, 1, 3, 5, 8, 11, 15], "image_size": 96, "text_layers": [0, 5]},
@@ -169,7 +170,7 @@ def main() -> int:
     parser.add_argument("--views", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--size", default="M", choices=list(SIZES))
-    parser.add_argument("--curve", nargs="*", default=["S", "M", "L"], choices=list(SIZES))
+    parser.add_argument("--curve", nargs="*", default=["XS", "S", "M80", "M", "L"], choices=list(SIZES))
     parser.add_argument("--curve-recipe", default="best")
     parser.add_argument("--curve-alone", action="store_true",
                         help="also train each curve size alone (recipe none): the alone column")
